@@ -1,0 +1,168 @@
+"""The weight-space branch of one convolution.
+
+A branch is a trainable, zero-initialised delta on some taps of a conv kernel. It is registered
+as a ``torch.nn.utils.parametrize`` parametrization of the conv's ``weight``, so the conv runs its
+own forward (padding rules, weight standardisation, expert routing included) with the effective
+weight ``W + delta``: one convolution per layer per step, and a merge that is exact by
+construction, because merging stores the very tensor the branched forward used.
+
+Branch shapes, for a kernel of size ``k_1 x ... x k_n`` (``n`` = 2 for ``Conv2d``):
+
+- ``"1x1"``: the centre tap only (the paper's 1x1 branch).
+- ``"cross"``: every tap on a line through the centre along one kernel axis: for 2-D the centre
+  row and the centre column, ``2k - 1`` taps for a ``k x k`` kernel. It spans the same kernels as
+  the paper's ``1x3 + 3x1`` pair, without the pair's second, redundant weight on the centre tap.
+- ``"full"``: all taps (the paper's ``k x k`` branch).
+
+The centre index along an axis of size ``k`` is ``(k - 1) // 2``: the middle for odd ``k``; for even
+``k`` the first of the two middle taps, which is the tap aligned with the output pixel under
+TensorFlow "same" padding (timm's ``Conv2dSame``). For a ``1x1`` kernel all three shapes are the
+single tap; for a ``1 x k`` kernel ``"cross"`` equals ``"full"``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+BranchShape = Literal["1x1", "cross", "full"]
+BRANCH_SHAPES: tuple[str, ...] = ("1x1", "cross", "full")
+
+
+def check_shape(shape: str) -> None:
+    """Raise ``ValueError`` naming the choices when ``shape`` is not a branch shape."""
+    if shape not in BRANCH_SHAPES:
+        raise ValueError(f"unknown branch shape {shape!r}; choose one of {', '.join(BRANCH_SHAPES)}")
+
+
+def tap_indices(kernel_size: tuple[int, ...], shape: str) -> torch.Tensor | None:
+    """Flat (row-major) indices of the kernel taps a branch of ``shape`` trains.
+
+    Returns ``None`` for ``"full"`` (every tap), else a sorted int64 tensor of length
+    ``1`` (``"1x1"``) or ``1 + sum(k_i - 1)`` (``"cross"``).
+    """
+    check_shape(shape)
+    if shape == "full":
+        return None
+    centre = [(k - 1) // 2 for k in kernel_size]
+    taps = {tuple(centre)}
+    if shape == "cross":
+        for axis, k in enumerate(kernel_size):
+            for i in range(k):
+                tap = list(centre)
+                tap[axis] = i
+                taps.add(tuple(tap))
+    strides = [math.prod(kernel_size[axis + 1:]) for axis in range(len(kernel_size))]
+    return torch.tensor(sorted(sum(i * s for i, s in zip(tap, strides)) for tap in taps), dtype=torch.long)
+
+
+class ConvBranch(nn.Module):
+    """Parametrization ``W -> W + delta`` of a conv weight, ``delta`` non-zero on chosen taps only.
+
+    Args:
+        weight: the conv's weight, ``(out, in / groups, *kernel_size)``, or for timm's
+            ``CondConv2d`` the expert bank ``(experts, out * in / groups * prod(kernel_size))``.
+        kernel_size: the conv's kernel size.
+        shape: ``"1x1"``, ``"cross"`` or ``"full"`` (see the module docstring).
+
+    The trainable tensor ``branch`` has shape ``(*lead, taps)`` where ``lead`` is the weight with
+    its kernel dimensions flattened away (``(out, in / groups)``, or ``(experts, out, in / groups)``)
+    and ``taps`` the number of trained taps; it lives on the weight's device and dtype and
+    starts at zero.
+    """
+
+    def __init__(self, weight: torch.Tensor, kernel_size: tuple[int, ...], shape: str = "cross"):
+        super().__init__()
+        taps = tap_indices(kernel_size, shape)
+        kernel_numel = math.prod(kernel_size)
+        if weight.numel() % kernel_numel:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not hold kernels of size {kernel_size}")
+        self.shape = shape
+        self.kernel_size = tuple(kernel_size)
+        # Kernel taps are the innermost dimension of every timm/PyTorch conv weight layout.
+        self._grid = (*_lead_shape(weight, self.kernel_size), kernel_numel)
+        n_taps = kernel_numel if taps is None else len(taps)
+        self.register_buffer("taps", taps, persistent=False)
+        self.branch = nn.Parameter(weight.new_zeros(*self._grid[:-1], n_taps))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        grid = weight.reshape(self._grid)
+        if self.taps is None:
+            effective = grid + self.branch
+        else:
+            # Adding the zeros off the taps would be exact too, but index_add touches the taps only.
+            effective = grid.index_add(-1, self.taps, self.branch)
+        return effective.view(weight.shape)
+
+    def delta(self) -> torch.Tensor:
+        """The branch as a dense kernel delta, shaped like the grid ``(*lead, prod(kernel_size))``."""
+        if self.taps is None:
+            return self.branch
+        return self.branch.new_zeros(self._grid).index_add(-1, self.taps, self.branch)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape!r}, kernel_size={self.kernel_size}, taps={self.branch.shape[-1]}"
+
+
+def _lead_shape(weight: torch.Tensor, kernel_size: tuple[int, ...]) -> tuple[int, ...]:
+    if weight.dim() == 2 + len(kernel_size):  # (out, in / groups, *kernel_size)
+        return tuple(weight.shape[:2])
+    # CondConv2d keeps its experts flattened: (experts, out * in / groups * prod(kernel_size)).
+    return (weight.shape[0], weight.shape[1] // math.prod(kernel_size))
+
+
+def attach_branch(conv: nn.Module, shape: str = "cross") -> ConvBranch:
+    """Give ``conv`` a zero-initialised branch of ``shape`` on its ``weight`` and return it.
+
+    The conv's class becomes a parametrized subclass and its ``weight`` key moves under
+    ``parametrizations`` until :func:`merge_branch` restores both.
+    """
+    if get_branch(conv) is not None:
+        raise ValueError(f"{type(conv).__name__} already has a branch; merge it first")
+    branch = ConvBranch(conv.weight, _kernel_size(conv), shape)
+    # unsafe=True skips a trial forward: ConvBranch keeps shape and dtype by construction.
+    parametrize.register_parametrization(conv, "weight", branch, unsafe=True)
+    return branch
+
+
+def get_branch(conv: nn.Module) -> ConvBranch | None:
+    """The branch attached to ``conv``, or ``None``."""
+    if not parametrize.is_parametrized(conv, "weight"):
+        return None
+    found = [p for p in conv.parametrizations["weight"] if isinstance(p, ConvBranch)]
+    return found[0] if found else None
+
+
+def merge_branch(conv: nn.Module) -> None:
+    """Fold the branch into ``conv.weight`` in place and detach it.
+
+    The stored weight is bit-for-bit the effective weight the branched forward computed; the
+    weight ``Parameter`` keeps its identity, strides, dtype, device and ``requires_grad``.
+    """
+    branch = get_branch(conv)
+    if branch is None:
+        raise ValueError(f"{type(conv).__name__} has no branch to merge")
+    if len(conv.parametrizations["weight"]) != 1:
+        raise ValueError("the conv weight carries other parametrizations besides the branch; remove them first")
+    with torch.no_grad():
+        effective = conv.weight
+        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
+        conv.weight.copy_(effective)
+
+
+def iter_branches(model: nn.Module) -> Iterator[tuple[str, nn.Module, ConvBranch]]:
+    """``(conv name, conv, branch)`` for every branched conv of ``model``, in module order."""
+    for name, module in model.named_modules():
+        branch = get_branch(module)
+        if branch is not None:
+            yield name, module, branch
+
+
+def _kernel_size(conv: nn.Module) -> tuple[int, ...]:
+    kernel_size = getattr(conv, "kernel_size", None)
+    if not isinstance(kernel_size, tuple):
+        raise TypeError(f"{type(conv).__name__} has no kernel_size tuple; it is not a convolution")
+    return kernel_size

@@ -1,0 +1,205 @@
+"""add_branches / merge_branches: walk the conv -> BN pairs and apply branches and BN policies.
+
+The walker only walks: the branch arithmetic is in :mod:`timm_branch.branch`, the BatchNorm
+policies in :mod:`timm_branch.bn`, the pairing in :mod:`timm_branch.pairs`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import bn as bn_policy
+from .branch import attach_branch, check_shape, iter_branches, merge_branch
+from .history import BranchRecord, close_active, find_active, set_active
+from .pairs import find_conv_bn_pairs
+
+Selector = str | Sequence[str] | None
+
+
+class NoBatchNormError(ValueError):
+    """The model has no BatchNorm layer, so Branch-tuning does not apply to it."""
+
+
+def add_branches(
+    model: nn.Module,
+    shape: str = "cross",
+    bn: str = "frozen",
+    include: Selector = None,
+    exclude: Selector = None,
+    train_unpaired: bool = False,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """Give every conv that feeds a BatchNorm a zero-initialised, trainable weight-space branch.
+
+    Args:
+        model: a timm CNN (or any module) with BatchNorm layers; changed in place.
+        shape: ``"1x1"``, ``"cross"`` or ``"full"``: which kernel taps the branches train
+            (see :mod:`timm_branch.branch`).
+        bn: BatchNorm policy for every BatchNorm layer, ``"frozen"``, ``"affine"`` or ``"train"``
+            (see :mod:`timm_branch.bn`).
+        include: convs to branch, among the paired ones: a regex matched against the whole module
+            name, or a list of module names or name suffixes (``"conv1"`` matches ``layer1.0.conv1``).
+            ``None``: all paired convs.
+        exclude: convs to leave without a branch, same forms as ``include``.
+        train_unpaired: leave ``requires_grad`` as it is on parameters outside the branched convs
+            and BatchNorms (classifier head, SE convs, convs without BN). By default they are frozen.
+        example_input: a batch for the pairing fallback, used only if tracing fails.
+
+    Returns:
+        ``model``, whose branched convs keep their weights frozen and whose outputs are unchanged
+        up to the rounding of ``W + 0`` (which is exact).
+
+    Raises:
+        ValueError: unknown ``shape``/``bn``, the model already has branches, or no conv is selected.
+        NoBatchNormError: the model has no BatchNorm layer.
+    """
+    check_shape(shape)
+    bn_policy.check_policy(bn)
+    if next(iter_branches(model), None) is not None:
+        raise ValueError("the model already has branches; call merge_branches(model) before adding new ones")
+    _require_batchnorm(model)
+    pairs = find_conv_bn_pairs(model, example_input)
+    candidates = [pair.conv for pair in pairs]
+    convs = [name for name in candidates if _selected(name, include, exclude)]
+    if not convs:
+        raise ValueError(
+            f"no conv selected: {len(candidates)} convs feed a BatchNorm, but include={include!r} / "
+            f"exclude={exclude!r} leave none of them (e.g. {candidates[:3]})"
+            if candidates
+            else "the model has BatchNorm layers but no convolution feeds one, so there is nothing to branch"
+        )
+
+    record = BranchRecord(
+        shape=shape,
+        bn=bn,
+        convs=convs,
+        requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
+        train_unpaired=train_unpaired,
+        include=_json_ready(include),
+        exclude=_json_ready(exclude),
+    )
+    branched = {id(p) for name in convs for p in model.get_submodule(name).parameters()}
+    norms = [m for m in model.modules() if bn_policy.is_batchnorm(m)]
+    norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    for param in model.parameters():
+        if id(param) in branched or (id(param) not in norm_params and not train_unpaired):
+            param.requires_grad_(False)
+    for norm in norms:
+        bn_policy.apply_policy(norm, bn)
+    for name in convs:
+        attach_branch(model.get_submodule(name), shape)
+    set_active(model, record)
+    return model
+
+
+def merge_branches(model: nn.Module) -> nn.Module:
+    """Fold every branch into its conv weight and restore the stock architecture.
+
+    Afterwards the model has exactly the module classes, state-dict keys, shapes, dtypes, devices
+    and ``requires_grad`` flags it had before :func:`add_branches`, and its BatchNorm layers follow
+    the model's train/eval mode again. The merged weights are bit-for-bit the effective weights
+    the branched forward used.
+
+    Raises:
+        ValueError: the model has no branches, or a branch holds NaN/Inf (nothing is changed then).
+    """
+    branches = list(iter_branches(model))
+    active = find_active(model)
+    if not branches or active is None:
+        raise ValueError("the model has no branches to merge; call add_branches(model) first")
+    bad = [name for name, _, branch in branches if not torch.isfinite(branch.branch).all()]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} branch(es) hold NaN or Inf values ({', '.join(bad[:5])}); refusing to merge. "
+            "Reload the last good branch checkpoint with load_branch_state_dict(model, ...) and merge that."
+        )
+    owner, record = active
+    for _, conv, _ in branches:
+        merge_branch(conv)
+    for module in owner.modules():
+        if bn_policy.is_batchnorm(module):
+            bn_policy.release(module, owner.training)
+    for name, param in owner.named_parameters():
+        param.requires_grad_(record.requires_grad.get(name, param.requires_grad))
+    close_active(owner)
+    return model
+
+
+def branch_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The trainable branch tensors of ``model``, in module order (hand these to an optimiser)."""
+    for _, _, branch in iter_branches(model):
+        yield branch.branch
+
+
+def branch_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The branches only, keyed by conv module name; ready for ``safetensors.torch.save_file``.
+
+    Each value has the branch shape ``(*lead, taps)`` (see :class:`timm_branch.branch.ConvBranch`).
+    """
+    state = {name: branch.branch.detach() for name, _, branch in iter_branches(model)}
+    if not state:
+        raise ValueError("the model has no branches; call add_branches(model) first")
+    return state
+
+
+def load_branch_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy branches saved by :func:`branch_state_dict` into ``model``'s branches (strict).
+
+    Raises:
+        ValueError: the model has no branches, or the keys or shapes differ (a checkpoint of another
+            model, ``include``/``exclude`` selection or branch shape); nothing is changed then.
+    """
+    branches = {name: branch for name, _, branch in iter_branches(model)}
+    if not branches:
+        raise ValueError("the model has no branches; call add_branches(model) with the checkpoint's settings first")
+    missing = sorted(set(branches) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(branches))
+    if missing or unexpected:
+        raise ValueError(
+            "branch checkpoint does not match the model's branches: "
+            f"missing {len(missing)} {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}; "
+            "it was saved from another model or with other include/exclude settings"
+        )
+    wrong = [
+        f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(branch.branch.shape)}"
+        for name, branch in branches.items()
+        if tuple(state_dict[name].shape) != tuple(branch.branch.shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"branch checkpoint shapes differ from the model's ({'; '.join(wrong[:3])}); it was saved with "
+            f"another branch shape (this model's branches are {next(iter(branches.values())).shape!r})"
+        )
+    with torch.no_grad():
+        for name, branch in branches.items():
+            branch.branch.copy_(state_dict[name])
+
+
+def _require_batchnorm(model: nn.Module) -> None:
+    if any(bn_policy.is_batchnorm(m) for m in model.modules()):
+        return
+    norms = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    uses = f"it normalises with {', '.join(norms)}" if norms else "it uses no normalisation layer (normaliser-free)"
+    raise NoBatchNormError(
+        f"{name} has no BatchNorm layer ({uses}). Branch-tuning keeps frozen BatchNorm layers to hold what "
+        "the model knows while conv branches learn, so it does not apply here; fine-tune this model, or "
+        "choose a BatchNorm CNN (resnet*, efficientnet*, regnet*, mobilenetv3*, densenet*, ...)."
+    )
+
+
+def _selected(name: str, include: Selector, exclude: Selector) -> bool:
+    return (include is None or _matches(name, include)) and (exclude is None or not _matches(name, exclude))
+
+
+def _matches(name: str, selector: str | Sequence[str]) -> bool:
+    if isinstance(selector, str):
+        return re.fullmatch(selector, name) is not None
+    return any(name == key or name.endswith("." + key) for key in selector)
+
+
+def _json_ready(selector: Selector) -> str | list[str] | None:
+    return selector if selector is None or isinstance(selector, str) else list(selector)

@@ -69,7 +69,7 @@ class ConvBranch(nn.Module):
         shape: ``"1x1"``, ``"cross"`` or ``"full"`` (see the module docstring).
 
     The trainable tensor ``branch`` has shape ``(*lead, taps)`` where ``lead`` is the weight with
-    its kernel dimensions flattened away (``(out, in / groups)``, or ``(experts, out, in / groups)``)
+    its kernel dimensions flattened away (``(out, in / groups)``, or ``(experts, out * in / groups)``)
     and ``taps`` the number of trained taps; it lives on the weight's device and dtype and
     starts at zero.
     """
@@ -145,12 +145,17 @@ def merge_branch(conv: nn.Module) -> None:
     branch = get_branch(conv)
     if branch is None:
         raise ValueError(f"{type(conv).__name__} has no branch to merge")
-    if len(conv.parametrizations["weight"]) != 1:
-        raise ValueError("the conv weight carries other parametrizations besides the branch; remove them first")
+    if list(conv.parametrizations) != ["weight"] or len(conv.parametrizations["weight"]) != 1:
+        raise ValueError("the conv carries other parametrizations besides the branch; remove them first")
     with torch.no_grad():
         effective = conv.weight
-        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
-        conv.weight.copy_(effective)
+        original = conv.parametrizations["weight"].original
+        # Not parametrize.remove_parametrizations: it deletes the property from the generated class,
+        # which copy.deepcopy shares between a model and its copies (momentum encoders, teachers).
+        del conv._modules["parametrizations"]
+        conv.__class__ = type(conv).__bases__[0]
+        conv.register_parameter("weight", original)
+        original.copy_(effective)
 
 
 def iter_branches(model: nn.Module) -> Iterator[tuple[str, nn.Module, ConvBranch]]:

@@ -171,7 +171,7 @@ def load_branch_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     if wrong:
         raise ValueError(
             f"branch checkpoint shapes differ from the model's ({'; '.join(wrong[:3])}); it was saved with "
-            f"another branch shape (this model's branches are {next(iter(branches.values())).shape!r})"
+            f"another branch shape (this model's branch shape is {next(iter(branches.values())).shape!r})"
         )
     with torch.no_grad():
         for name, branch in branches.items():

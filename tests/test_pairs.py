@@ -1,0 +1,119 @@
+"""Pairing by data flow: post- and pre-activation nets, timm conv classes, names and order ignored."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from timm_branch import ConvBNPair, PairingFallbackWarning, find_conv_bn_pairs
+
+
+def _pairs(model, **kwargs) -> dict[str, tuple[str, ...]]:
+    return {p.conv: p.bns for p in find_conv_bn_pairs(model, **kwargs)}
+
+
+def test_resnet18_every_conv_pairs_with_its_bn():
+    model = timm.create_model("resnet18", pretrained=False)
+    pairs = _pairs(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert list(pairs) == convs and len(convs) == 20
+    assert pairs["layer1.0.conv2"] == ("layer1.0.bn2",)
+    assert pairs["layer2.0.downsample.0"] == ("layer2.0.downsample.1",)
+
+
+class _Misnamed(nn.Module):
+    """Names and registration order lie: only the data flow tells the pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.Conv2d(3, 4, 3)          # a conv called bn
+        self.conv = nn.BatchNorm2d(4)         # a BN called conv, registered before its conv
+        self.feeds_act = nn.Conv2d(4, 4, 1)
+        self.norm_after_act = nn.BatchNorm2d(4)
+        self.also_output = nn.Conv2d(4, 4, 1)
+        self.norm_too = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.conv(self.bn(x))
+        x = self.norm_after_act(torch.relu(self.feeds_act(x)))
+        y = self.also_output(x)
+        return self.norm_too(y), y  # y also leaves the model without a BN
+
+
+def test_pairs_follow_data_flow_not_names_or_order():
+    assert _pairs(_Misnamed()) == {"bn": ("conv",)}
+
+
+class _PreAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.norm3 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = x + self.conv1(torch.relu(self.norm1(x)))          # residual add, then the next BN
+        y = self.conv2(torch.relu(self.norm2(x)))
+        return self.norm3(torch.cat([self.pool(x), self.pool(y)], 1))  # pool + concat, then a BN
+
+
+def test_pre_activation_convs_feed_the_next_blocks_bn():
+    assert _pairs(_PreAct()) == {"conv1": ("norm2", "norm3"), "conv2": ("norm3",)}
+
+
+def test_timm_pre_activation_families():
+    pairs = _pairs(timm.create_model("resnetv2_18", pretrained=False))
+    assert pairs["stages.0.blocks.0.conv2"] == ("stages.0.blocks.1.norm1", "stages.1.blocks.0.norm1")
+    pairs = _pairs(timm.create_model("densenet121", pretrained=False))
+    assert pairs["features.transition1.conv"][0] == "features.denseblock2.denselayer1.norm1"
+
+
+def test_mixed_conv_children_and_cond_conv_pair():
+    mixnet = timm.create_model("mixnet_s", pretrained=False)
+    pairs = _pairs(mixnet)
+    assert pairs["blocks.2.0.conv_dw.0"] == pairs["blocks.2.0.conv_dw.1"] == ("blocks.2.0.bn2",)
+    cc = timm.create_model("efficientnet_cc_b0_4e", pretrained=False)
+    assert type(cc.blocks[4][0].conv_pw).__name__ == "CondConv2d"
+    assert _pairs(cc)["blocks.4.0.conv_pw"] == ("blocks.4.0.bn1",)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: FX cannot trace this
+            x = x * 0
+        x = self.bn(self.conv(x))
+        return self.bn2(x + self.conv2(x))  # an indirect pair the fallback rule does not see
+
+
+def test_untraceable_model_falls_back_conservatively_with_a_warning():
+    with pytest.warns(PairingFallbackWarning, match="FX tracing of the model failed.*fallback rule"):
+        pairs = find_conv_bn_pairs(_Untraceable(), example_input=torch.randn(2, 3, 8, 8))
+    assert pairs == [ConvBNPair("conv", ("bn",))]
+
+
+def test_fallback_without_an_input_size_asks_for_example_input():
+    with pytest.raises(ValueError, match="pass example_input"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PairingFallbackWarning)
+            find_conv_bn_pairs(_Untraceable())
+
+
+def test_untraceable_timm_leaf_is_traced_on_its_own_or_falls_back():
+    model = timm.create_model("mobilevit_xxs", pretrained=False)
+    with pytest.warns(PairingFallbackWarning, match="MobileVitBlock"):
+        pairs = _pairs(model)  # the fallback forward uses pretrained_cfg['input_size']
+    assert pairs["stages.2.1.conv_kxk.conv"] == ("stages.2.1.conv_kxk.bn",)
+    assert "stages.2.1.conv_1x1" not in pairs
+
+
+def test_model_without_batchnorm_has_no_pairs():
+    assert find_conv_bn_pairs(nn.Sequential(nn.Conv2d(3, 3, 3), nn.GroupNorm(1, 3))) == []

@@ -230,3 +230,15 @@ def test_model_without_batchnorm_is_refused_with_the_reason():
     model = timm.create_model("convnext_atto", pretrained=False)
     with pytest.raises(tb.NoBatchNormError, match="convnext_atto has no BatchNorm layer .*LayerNorm.*Branch-tuning"):
         tb.add_branches(model)
+
+
+def test_branches_added_on_a_submodule_merge_from_the_wrapper(image):
+    wrapper = nn.Sequential(make_model("resnet18", num_classes=0), nn.Linear(512, 8).double())
+    before = _snapshot(wrapper)
+    tb.add_branches(wrapper[0])
+    assert wrapper[1].weight.requires_grad  # outside the branched module: untouched
+    perturb_branches(wrapper)
+    branched = wrapper(image)
+    tb.merge_branches(wrapper)
+    assert max_rel_err(wrapper(image), branched) <= 1e-10 and _snapshot(wrapper) == before
+    assert len(tb.branch_history(wrapper[0])) == 1

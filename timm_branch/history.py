@@ -46,13 +46,9 @@ def set_active(owner: nn.Module, record: BranchRecord) -> None:
     setattr(owner, _ACTIVE, record)
 
 
-def find_active(model: nn.Module) -> tuple[nn.Module, BranchRecord] | None:
-    """The module holding the active record in ``model``'s tree (itself or a submodule), and the record."""
-    for module in model.modules():
-        record = module.__dict__.get(_ACTIVE)
-        if record is not None:
-            return module, record
-    return None
+def find_active(model: nn.Module) -> list[tuple[nn.Module, BranchRecord]]:
+    """Every module in ``model``'s tree (itself included) that holds an active record, with it."""
+    return [(m, m.__dict__[_ACTIVE]) for m in model.modules() if _ACTIVE in m.__dict__]
 
 
 def close_active(owner: nn.Module) -> None:

@@ -108,7 +108,7 @@ def merge_branches(model: nn.Module) -> nn.Module:
     """
     branches = list(iter_branches(model))
     active = find_active(model)
-    if not branches or active is None:
+    if not branches or not active:
         raise ValueError("the model has no branches to merge; call add_branches(model) first")
     bad = [name for name, _, branch in branches if not torch.isfinite(branch.branch).all()]
     if bad:
@@ -116,15 +116,16 @@ def merge_branches(model: nn.Module) -> nn.Module:
             f"{len(bad)} branch(es) hold NaN or Inf values ({', '.join(bad[:5])}); refusing to merge. "
             "Reload the last good branch checkpoint with load_branch_state_dict(model, ...) and merge that."
         )
-    owner, record = active
-    for _, conv, _ in branches:
-        merge_branch(conv)
-    for module in owner.modules():
-        if bn_policy.is_batchnorm(module):
-            bn_policy.release(module, owner.training)
-    for name, param in owner.named_parameters():
-        param.requires_grad_(record.requires_grad.get(name, param.requires_grad))
-    close_active(owner)
+    # add_branches may have been called on submodules (a backbone inside a wrapper): undo each.
+    for owner, record in active:
+        for _, conv, _ in list(iter_branches(owner)):
+            merge_branch(conv)
+        for module in owner.modules():
+            if bn_policy.is_batchnorm(module):
+                bn_policy.release(module, owner.training)
+        for name, param in owner.named_parameters():
+            param.requires_grad_(record.requires_grad.get(name, param.requires_grad))
+        close_active(owner)
     return model
 
 

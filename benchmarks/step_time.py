@@ -1,0 +1,600 @@
+"""CPU benchmark: one training step of fine-tuning vs Branch-tuning vs a naive two-conv branch.
+
+Variants (all on the same model weights and the same batch, the same loss and optimiser):
+
+- ``fine-tune`` (the baseline): every parameter trainable, ``model.train()`` (BatchNorm in train
+  mode), SGD over all parameters.
+- ``branch-<shape>`` for ``shape`` in ``1x1``, ``cross``, ``full``: ``timm_branch.add_branches(model,
+  shape=shape)`` (default ``bn="frozen"``), ``model.train()``, SGD over ``branch_parameters(model)``.
+  One convolution per layer: the branch is a parametrization of the conv weight, ``W + delta``.
+- ``naive-<shape>``: the reference the literature uses (ACNet-style parallel branch convs):
+  every conv that ``timm_branch.find_conv_bn_pairs`` pairs is wrapped so that
+  ``output = conv(x) + sum(branch_conv(x))`` with extra, bias-free, zero-initialised ``nn.Conv2d``
+  branch convs: ``1x1`` -> one 1x1 conv; ``cross`` -> a ``k_h x 1`` conv plus a ``1 x k_w`` conv
+  (one conv when the kernel is 1x1; the 1x1 one is dropped for a ``1 x k`` kernel, as it is
+  contained in the other); ``full`` -> a ``k_h x k_w`` conv. Every branch conv has the conv's stride,
+  dilation and groups; along an axis where the branch kernel is 1 its padding is
+  ``padding - centre * dilation`` (``centre = (k - 1) // 2``), so it reads the same input pixel as the
+  conv's centre tap (padding 0 for a 3x3, padding 1 conv). The original convs and BatchNorms are
+  frozen (BatchNorm in eval mode), only the branch convs train. At build time the wrapped model's
+  output is checked against the unwrapped model's (exact equality at zero init), and every wrapped
+  conv, given random branch weights, against one conv with the branch kernels added onto the
+  centre taps of its weight (so the naive branch is the same function class as ``branch-<shape>``).
+  Every ``branch-<shape>`` model is checked against the unbranched one at zero init too.
+
+Every variant computes ``loss = model.forward_features(x).pow(2).mean()`` and runs
+``zero_grad(set_to_none=True); loss.backward(); SGD(lr, momentum).step()``.
+
+Step time: all variants live in one process. Each first runs ``--warmup`` steps, then ``--steps``
+rounds follow; in each round every variant runs one timed step (``time.perf_counter`` around the
+whole step), the starting variant rotating from round to round (ABC, BCA, CAB, ...) so that drift
+and cache effects hit all variants alike. Python's garbage collector is paused while timing. The
+report gives the median step time per variant (and the inter-quartile range), and the ratio
+``median(variant) / median(fine-tune)``. ``torch.set_num_threads(--threads)``, default: every core
+this process may run on.
+
+Peak memory: each variant runs in a fresh subprocess (this script with a private
+``--_memory-worker`` flag), with the same model, batch and thread count. The worker builds the model
+and variant, optimiser and batch, runs ``gc.collect()`` and glibc ``malloc_trim(0)``, records the
+resident set size ``VmRSS`` as the baseline and resets the process's peak RSS by writing ``5`` to
+``/proc/self/clear_refs`` (which sets ``VmHWM`` to the current RSS); it then runs ``--warmup`` +
+``--steps`` steps and reads ``VmHWM`` from ``/proc/self/status``. The reported number is
+``VmHWM - baseline``: the peak RSS increase during the training steps (activations kept for backward,
+gradients, optimiser momentum, the effective branch weights, allocator slack), not counting the model
+itself. Where ``clear_refs`` cannot be written, the peak is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
+after the steps instead, which also covers any higher peak while the model was built (the method
+used is printed). The ratio is ``increase(variant) / increase(fine-tune)``. With ``--smoke`` the
+memory is measured in this process, one variant after the other (fast, but the numbers are not
+comparable: the allocator reuses memory freed by earlier variants), over one step.
+
+Run (from the repository root)::
+
+    python benchmarks/step_time.py                      # resnet18, 64 px, batch 32, 20 steps
+    python benchmarks/step_time.py --markdown           # + a Markdown section for benchmarks/RESULTS.md
+    python benchmarks/step_time.py --variants fine-tune,branch-cross,naive-cross --steps 50
+    python benchmarks/step_time.py --smoke              # a few-step check that everything runs
+
+Target (issue "Benchmark"): every ``branch-<shape>`` step time <= 1.05 x the fine-tune step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+SHAPES = ("1x1", "cross", "full")
+BASELINE = "fine-tune"
+ALL_VARIANTS = (BASELINE, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
+TARGET_RATIO = 1.05
+_MEMORY_MARKER = "MEMORY_RESULT "
+
+
+# --------------------------------------------------------------------------------------------------
+# The naive reference: conv(x) + branch_conv(x) with extra convs
+# --------------------------------------------------------------------------------------------------
+
+
+class _NaiveBranchConv(nn.Module):
+    """``conv(x) + sum(b(x) for b in branches)``: extra zero-initialised convs of a branch shape."""
+
+    def __init__(self, conv: nn.Conv2d, shape: str):
+        super().__init__()
+        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"the naive reference supports plain nn.Conv2d with numeric zero padding only, not "
+                f"{type(conv).__name__}(padding={conv.padding!r}, padding_mode={conv.padding_mode!r}); "
+                "leave the naive-* variants out (--variants) for this model"
+            )
+        self.conv = conv
+        self.shape = shape
+        self.branches = nn.ModuleList(
+            _zero_conv(conv, kernel) for kernel in _naive_kernels(tuple(conv.kernel_size), shape)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        h, w = out.shape[-2:]
+        for branch in self.branches:
+            y = branch(x)
+            if y.shape[-2:] != out.shape[-2:]:  # even kernels: the centre-aligned 1-tap conv runs one longer
+                y = y[..., :h, :w]
+            out = out + y
+        return out
+
+
+def _naive_kernels(kernel_size: tuple[int, int], shape: str) -> list[tuple[int, int]]:
+    kh, kw = kernel_size
+    if shape == "1x1":
+        return [(1, 1)]
+    if shape == "full":
+        return [(kh, kw)]
+    kernels = list(dict.fromkeys([(kh, 1), (1, kw)]))  # a 1x1 kernel: one conv
+    if len(kernels) == 2 and (1, 1) in kernels:  # a 1 x k kernel: the 1x1 conv is inside the 1 x k one
+        kernels.remove((1, 1))
+    return kernels
+
+
+def _zero_conv(conv: nn.Conv2d, kernel: tuple[int, int]) -> nn.Conv2d:
+    padding = []
+    for axis in range(2):
+        k, p, d = conv.kernel_size[axis], conv.padding[axis], conv.dilation[axis]
+        pad = p if kernel[axis] == k else p - ((k - 1) // 2) * d
+        if pad < 0:
+            raise NotImplementedError(f"{conv} needs negative padding for a centre-aligned {kernel} branch")
+        padding.append(pad)
+    branch = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        kernel,
+        stride=conv.stride,
+        padding=tuple(padding),
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=False,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    nn.init.zeros_(branch.weight)
+    return branch
+
+
+def add_naive_branches(model: nn.Module, shape: str) -> list[nn.Parameter]:
+    """Wrap every paired conv of ``model`` in :class:`_NaiveBranchConv`; freeze everything else.
+
+    Returns the branch convs' weights (the only trainable parameters).
+    """
+    from timm_branch import find_conv_bn_pairs
+
+    pairs = find_conv_bn_pairs(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for pair in pairs:
+        parent_name, _, child = pair.conv.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        wrapper = _NaiveBranchConv(getattr(parent, child), shape)
+        setattr(parent, child, wrapper)
+        params.extend(b.weight for b in wrapper.branches)
+    return params
+
+
+def _train_mode(model: nn.Module, variant: str) -> None:
+    """``model.train()``; for the naive reference, BatchNorm back in eval mode (frozen)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    model.train()
+    if variant.startswith("naive-"):
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants and the training step
+# --------------------------------------------------------------------------------------------------
+
+
+def build_base(model_name: str, seed: int) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(model_name, pretrained=False)
+
+
+def build_variant(model: nn.Module, variant: str) -> list[nn.Parameter]:
+    """Turn ``model`` (in place) into ``variant``; return the parameters the optimiser updates."""
+    import timm_branch
+
+    if variant == BASELINE:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        params = list(model.parameters())
+    elif variant.startswith("branch-"):
+        timm_branch.add_branches(model, shape=variant.removeprefix("branch-"))
+        params = list(timm_branch.branch_parameters(model))
+    elif variant.startswith("naive-"):
+        params = add_naive_branches(model, variant.removeprefix("naive-"))
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(ALL_VARIANTS)}")
+    _train_mode(model, variant)
+    return params
+
+
+def check_zero_init(base: nn.Module, model: nn.Module, variant: str, x: torch.Tensor) -> float:
+    """Max |difference| of ``forward_features`` between ``model`` and ``base`` (both in eval mode)."""
+    base.eval()
+    model.eval()
+    with torch.no_grad():
+        ref = base.forward_features(x)
+        out = model.forward_features(x)
+    _train_mode(model, variant)
+    diff = (out - ref).abs().max().item()
+    if not torch.equal(out, ref):
+        raise AssertionError(f"{variant}: output differs from the base model at zero init (max |diff| {diff:.3g})")
+    return diff
+
+
+def check_naive_alignment(model: nn.Module) -> None:
+    """Check that each naive branch is the conv-kernel delta it stands for.
+
+    For every :class:`_NaiveBranchConv` (on a copy, with random branch weights), ``conv(x) +
+    sum(branch(x))`` must equal one conv whose weight is ``W`` plus the branch kernels placed on the
+    centre taps, i.e. the weight-space branch of the same shape.
+    """
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    for name, module in model.named_modules():
+        if not isinstance(module, _NaiveBranchConv):
+            continue
+        wrapper = copy.deepcopy(module)
+        conv = wrapper.conv
+        kh, kw = conv.kernel_size
+        weight = conv.weight.detach().clone()
+        with torch.no_grad():
+            for branch in wrapper.branches:
+                branch.weight.copy_(torch.randn(branch.weight.shape, generator=gen) * 0.1)
+                bh, bw = branch.kernel_size
+                rows = slice(None) if bh == kh else slice((kh - 1) // 2, (kh - 1) // 2 + 1)
+                cols = slice(None) if bw == kw else slice((kw - 1) // 2, (kw - 1) // 2 + 1)
+                weight[:, :, rows, cols] += branch.weight
+            size = 2 * max(kh, kw) + 5
+            x = torch.randn(2, conv.in_channels, size, size + 1, generator=gen)
+            ref = F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            out = wrapper(x)
+        if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-4, atol=1e-4):
+            diff = (out - ref).abs().max().item() if out.shape == ref.shape else f"shapes {out.shape} vs {ref.shape}"
+            raise AssertionError(f"naive {wrapper.shape} branch of {name} is not its centre-aligned kernel delta ({diff})")
+
+
+def make_step(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, lr: float, momentum: float) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.forward_features(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def make_batch(args: argparse.Namespace) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    return torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def time_variants(steps: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            for i in range(len(names)):
+                name = names[(r + i) % len(names)]
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_peak(step: Callable[[], None], n_steps: int) -> dict[str, object]:
+    """Run ``n_steps`` steps; return the peak RSS increase over the RSS just before (MiB)."""
+    gc.collect()
+    _malloc_trim()
+    baseline = _status_kib("VmRSS")
+    if baseline is not None and _reset_peak_rss():
+        method = "VmHWM after clear_refs"
+    else:
+        method = "ru_maxrss"
+        if baseline is None:  # no /proc: the whole-process peak so far is the best baseline we have
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(n_steps):
+        step()
+    peak = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024, "method": method}
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """Body of the fresh subprocess: build one variant and measure its peak RSS increase."""
+    torch.set_num_threads(args.threads)
+    variant = args._memory_worker
+    model = build_base(args.model, args.seed)
+    params = build_variant(model, variant)
+    x = make_batch(args)
+    step = make_step(model, params, x, args.lr, args.momentum)
+    result = measure_peak(step, args.warmup + args.steps)
+    result["variant"] = variant
+    print(_MEMORY_MARKER + json.dumps(result), flush=True)
+
+
+def memory_in_subprocesses(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
+    results = {}
+    forwarded = [
+        "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+        "--lr", str(args.lr), "--momentum", str(args.momentum), "--seed", str(args.seed),
+    ]  # fmt: skip
+    for variant in variants:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_memory-worker", variant, *forwarded]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MEMORY_MARKER)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"memory worker for {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        results[variant] = json.loads(lines[-1][len(_MEMORY_MARKER):])
+        print(f"  memory {variant}: +{results[variant]['peak_mib']:.1f} MiB", file=sys.stderr, flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, str]:
+    import timm
+
+    cores = os.cpu_count()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = cores
+    return {
+        "cpu": cpu_model(),
+        "cores": f"{cores} logical cores ({usable} usable by this process), {args.threads} torch thread{'' if args.threads == 1 else 's'}",
+        "versions": f"torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + shlex.join([os.path.relpath(sys.argv[0]) if sys.argv[0] else "step_time.py", *sys.argv[1:]]),
+    }
+
+
+def build_rows(variants, times, memory, n_params) -> list[dict]:
+    base_t = statistics.median(times[BASELINE])
+    base_m = memory[BASELINE]["peak_mib"] if memory else None
+    rows = []
+    for v in variants:
+        t = sorted(times[v])
+        q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0], t[0], t[0]]
+        med = statistics.median(t)
+        row = {
+            "variant": v,
+            "params": n_params[v],
+            "median_ms": med * 1e3,
+            "iqr_ms": (q[0] * 1e3, q[2] * 1e3),
+            "time_ratio": med / base_t,
+            "mem_mib": memory[v]["peak_mib"] if memory else None,
+            "mem_ratio": (memory[v]["peak_mib"] / base_m) if memory and base_m and base_m > 0 else None,
+        }
+        row["target"] = ("ok" if row["time_ratio"] <= TARGET_RATIO else "OVER") if v.startswith("branch-") else ""
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_text(rows: list[dict], info: dict[str, str], setup: str, memory_method: str) -> None:
+    print(f"\n{setup}")
+    print(f"{info['cpu']}; {info['cores']}; {info['versions']}")
+    print(f"peak memory: {memory_method}\n")
+    header = f"{'variant':<13} {'trainable':>11} {'median ms':>10} {'IQR ms':>17} {'time x':>7} {'peak MiB':>9} {'mem x':>6}  target<={TARGET_RATIO}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        iqr = f"{r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f}"
+        print(
+            f"{r['variant']:<13} {r['params']:>11,} {r['median_ms']:>10.1f} {iqr:>17} {r['time_ratio']:>7.3f} "
+            f"{_fmt(r['mem_mib'], '>9.1f'):>9} {_fmt(r['mem_ratio'], '>6.2f'):>6}  {r['target']}"
+        )
+    print()
+    print(_verdict(rows))
+
+
+def _verdict(rows: list[dict]) -> str:
+    branch = [r for r in rows if r["variant"].startswith("branch-")]
+    if not branch:
+        return "no branch-* variant measured"
+    over = [f"{r['variant']} ({r['time_ratio']:.3f}x)" for r in branch if r["time_ratio"] > TARGET_RATIO]
+    if over:
+        return f"target (branch step <= {TARGET_RATIO}x fine-tune) NOT met for: {', '.join(over)}"
+    return f"target (branch step <= {TARGET_RATIO}x fine-tune) met for: {', '.join(r['variant'] for r in branch)}"
+
+
+def print_markdown(rows: list[dict], info: dict[str, str], setup: str, memory_method: str) -> None:
+    print("\n## CPU step time (issue 2)\n")
+    print(f"- Machine: {info['cpu']}, {info['cores']}")
+    print(f"- Software: {info['versions']}")
+    print(f"- Date: {info['date']}")
+    print(f"- Command: `{info['command']}`")
+    print(f"- Setup: {setup}")
+    print(f"- Peak memory: {memory_method}\n")
+    print("| variant | trainable params | step time, median (ms) | IQR (ms) | time vs fine-tune | peak RSS increase (MiB) | memory vs fine-tune |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['params']:,} | {r['median_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
+            f"{r['time_ratio']:.3f}x | {_fmt(r['mem_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.2f', '-')}{'x' if r['mem_ratio'] is not None else ''} |"
+        )
+    print(f"\n{_verdict(rows)}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    try:
+        default_threads = len(os.sched_getaffinity(0))
+    except AttributeError:
+        default_threads = os.cpu_count() or 1
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet18", help="timm model name, built with pretrained=False (default resnet18)")
+    p.add_argument("--img-size", type=int, default=64, help="square input size in pixels (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (rounds) per variant (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant (default 3)")
+    p.add_argument("--threads", type=int, default=None, help=f"torch.set_num_threads (default: all usable cores, {default_threads}; 1 with --smoke)")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {','.join(ALL_VARIANTS)}; {BASELINE} is always added")
+    p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--profile", action="store_true", help="after timing, print a torch.profiler summary of a few steps per variant")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown section for benchmarks/RESULTS.md")
+    p.add_argument("--smoke", action="store_true", help="quick check that everything runs: 32 px, batch 4, no warm-up, 2 steps, 1 thread unless --threads, memory in-process over 1 step")
+    p.add_argument("--_memory-worker", dest="_memory_worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.img_size, args.batch_size, args.steps, args.warmup = 32, 4, 2, 0
+    if args.threads is None:
+        # One thread for the smoke check: on a busy machine OpenMP threads that wait for each other
+        # can make a step ten times slower.
+        args.threads = 1 if args.smoke else default_threads
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+    if BASELINE not in variants:
+        variants.insert(0, BASELINE)
+    args.variant_list = list(dict.fromkeys(variants))
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        p.error("--steps and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def profile_step(name: str, step: Callable[[], None], n: int = 3) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    print(f"\n=== profile: {name} ({n} steps) ===")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._memory_worker:
+        memory_worker(args)
+        return 0
+    torch.set_num_threads(args.threads)
+    variants = args.variant_list
+    base = build_base(args.model, args.seed)
+    x = make_batch(args)
+    check_x = x[: min(2, len(x))]
+    steps, n_params = {}, {}
+    for v in variants:
+        model = copy.deepcopy(base)
+        params = build_variant(model, v)
+        if v != BASELINE:
+            check_zero_init(base, model, v, check_x)
+        if v.startswith("naive-"):
+            check_naive_alignment(model)
+        n_params[v] = sum(p.numel() for p in params)
+        steps[v] = make_step(model, params, x, args.lr, args.momentum)
+    print(f"timing {len(variants)} variants: {args.warmup} warm-up + {args.steps} interleaved steps each ...", file=sys.stderr, flush=True)
+    times = time_variants(steps, args.warmup, args.steps)
+
+    memory: dict[str, dict] | None = None
+    memory_method = "not measured (--no-memory)"
+    if not args.no_memory:
+        if args.smoke:
+            memory = {v: measure_peak(steps[v], 1) for v in variants}
+            memory_method = "in-process, one variant after another (--smoke: not comparable)"
+        else:
+            memory = memory_in_subprocesses(args, variants)
+            how = {m["method"] for m in memory.values()}
+            memory_method = (
+                f"peak RSS increase during {args.warmup + args.steps} steps, fresh process per variant "
+                f"({', '.join(sorted(how))}; baseline = VmRSS after building model, optimiser and batch)"
+            )
+    if args.profile:
+        for v in variants:
+            profile_step(v, steps[v])
+
+    setup = (
+        f"{args.model} (pretrained=False), {args.img_size}x{args.img_size} px, batch {args.batch_size}, float32, "
+        f"loss = mean(forward_features(x)^2), SGD(lr={args.lr}, momentum={args.momentum}); "
+        f"{args.warmup} warm-up + {args.steps} timed steps per variant, interleaved"
+    )
+    info = machine_info(args)
+    rows = build_rows(variants, times, memory, n_params)
+    print_text(rows, info, setup, memory_method)
+    if args.markdown:
+        print_markdown(rows, info, setup, memory_method)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ from pathlib import Path
 import safetensors.torch
 from torch import nn
 
+from ._io import fsync_path
 from ._version import __version__
 from .branch import iter_branches
 from .card import render_model_card
@@ -68,17 +69,9 @@ def save_pretrained(
         save_config_for_hf(model, tmp / CONFIG_NAME, model_config=extra, model_args=model_args)
         (tmp / CARD_NAME).write_text(model_card if model_card is not None else render_model_card(model, history))
         for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME):
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             os.replace(tmp / name, directory / name)
-        _fsync(directory)
+        fsync_path(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,78 @@
+"""LARS, parameter groups and the warmup-cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from timm_branch.train.optim import LARS, build_optimizer, build_scheduler, param_groups, warmup_cosine
+
+
+def test_lars_step_by_hand():
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))  # ||w|| = 5
+    w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    opt = LARS([w], lr=0.1, momentum=0.0, weight_decay=0.0, eta=0.02)
+    opt.step()
+    # trust ratio = 0.02 * 5 / 1 = 0.1 -> update = 0.1 * 0.1 * g
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0 - 0.01], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_lars_clips_the_ratio_and_excludes_groups():
+    w = nn.Parameter(torch.tensor([300.0, 400.0], dtype=torch.float64))
+    w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    b.grad = torch.tensor([2.0], dtype=torch.float64)
+    opt = LARS([dict(params=[w]), dict(params=[b], lars_exclude=True, weight_decay=0.0)], lr=0.1, momentum=0.0, weight_decay=0.5)
+    opt.step()
+    # w: g + 0.5 w = [150, 201]; ratio 0.02 * 500 / ||[150, 201]|| = 10 / 250.8 < 1 -> not clipped
+    g = torch.tensor([150.0, 201.0], dtype=torch.float64)
+    expected = torch.tensor([300.0, 400.0], dtype=torch.float64) - 0.1 * g * (10 / torch.linalg.vector_norm(g))
+    assert torch.allclose(w.detach(), expected, rtol=1e-14)
+    assert b.item() == pytest.approx(1.0 - 0.1 * 2.0)  # plain SGD, no decay
+    v = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    v.grad = torch.tensor([0.0, 0.01], dtype=torch.float64)  # ratio 0.02 * 5 / 0.01 = 10 -> clipped to 1
+    LARS([v], lr=0.1, momentum=0.0).step()
+    assert torch.allclose(v.detach(), torch.tensor([3.0, 4.0 - 0.001], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_param_groups_exclude_one_dimensional_and_frozen():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    groups = param_groups(model.named_parameters(), weight_decay=1e-4)
+    assert [len(g["params"]) for g in groups] == [1, 4] and groups[1]["lars_exclude"]
+
+
+@pytest.mark.parametrize("name, cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_build_optimizer(name, cls):
+    assert isinstance(build_optimizer(name, nn.Linear(2, 2).named_parameters(), 0.1, 1e-4), cls)
+
+
+def test_build_optimizer_errors():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of lars, sgd, adamw"):
+        build_optimizer("adam", nn.Linear(2, 2).named_parameters(), 0.1, 0.0)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer("sgd", frozen.named_parameters(), 0.1, 0.0)
+
+
+def test_warmup_cosine_shape():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.003)
+    assert warmup_cosine(5, 100, 10) == pytest.approx(0.003 + 0.997 * 0.5)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(100, 100, 10) == pytest.approx(0.0)
+    assert warmup_cosine(0, 100, 0) == pytest.approx(1.0)
+
+
+def test_scheduler_steps_per_step():
+    p = nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, total_steps=4, warmup_steps=2)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.003, 0.5015, 1.0, 0.5])

@@ -1,0 +1,116 @@
+"""Optimisers and learning-rate schedules for SSL training: LARS with warmup-cosine, SGD, AdamW.
+
+The continual-SSL papers (CaSSLe, Branch-tuning; solo-learn's recipes) train with LARS
+(You et al. 2017, arXiv 1708.03888) and a linear-warmup + cosine-decay schedule, with biases and
+normalisation parameters excluded from weight decay and from LARS's trust-ratio scaling.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+OPTIMIZERS: tuple[str, ...] = ("lars", "sgd", "adamw")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (LARS, You et al. 2017).
+
+    For a parameter ``w`` with gradient ``g`` (weight decay ``wd`` added to ``g`` first), the update
+    uses ``g * eta * ||w|| / (||g|| + wd * ||w||)`` clipped so the local rate never exceeds the
+    global one when ``clip_lr`` (solo-learn's variant); groups with ``lars_exclude=True`` (biases,
+    norms) get plain SGD with momentum and no weight decay.
+
+    Args:
+        params: parameters or groups.
+        lr: learning rate (units of the parameter per unit gradient).
+        momentum: heavy-ball momentum, 0.9 in the papers.
+        weight_decay: L2 coefficient.
+        eta: trust coefficient, 0.02 in solo-learn's CIFAR recipes.
+        clip_lr: clip the trust ratio at 1 (``eta * ||w|| / ||g|| <= 1``).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02, clip_lr: bool = True):
+        if lr <= 0:
+            raise ValueError(f"LARS learning rate must be positive, got {lr}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=clip_lr, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        grad = grad.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    if group["clip_lr"]:
+                        ratio = ratio.clamp(max=1.0)
+                    grad = grad * ratio
+                state = self.state[p]
+                if group["momentum"]:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = grad.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(grad)
+                    grad = buf
+                p.add_(grad, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split named parameters into a decayed group and an excluded one (1-D: biases, norm affines).
+
+    The excluded group carries ``lars_exclude=True`` and ``weight_decay=0``. Branch tensors are
+    never 1-D, so they are decayed (towards the old kernel), unlike the authors' code, which
+    silently disabled weight decay.
+    """
+    decay, keep = [], []
+    for _, p in params:
+        if p.requires_grad:
+            (keep if p.ndim <= 1 else decay).append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay)]
+    if keep:
+        groups.append(dict(params=keep, weight_decay=0.0, lars_exclude=True))
+    return groups
+
+
+def build_optimizer(name: str, params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``"lars"`` (momentum 0.9, eta 0.02, clipped), ``"sgd"`` (momentum 0.9) or ``"adamw"``."""
+    groups = param_groups(params, weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters: nothing to optimise")
+    if name == "lars":
+        return LARS(groups, lr=lr, weight_decay=weight_decay)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, start_factor: float = 0.003, end_factor: float = 0.0) -> float:
+    """Learning-rate factor at ``step``: linear warmup from ``start_factor`` to 1 over ``warmup_steps``,
+    then cosine decay to ``end_factor`` at ``total_steps`` (solo-learn's ``LinearWarmupCosineAnnealingLR``,
+    applied per step)."""
+    if step < warmup_steps:
+        return start_factor + (1 - start_factor) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return end_factor + (1 - end_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step warmup-cosine schedule (call ``.step()`` after every optimiser step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))

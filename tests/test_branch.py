@@ -158,6 +158,14 @@ def test_merge_keeps_parameter_identity_layout_and_flag():
     assert list(conv.state_dict()) == ["weight"] and get_branch(conv) is None
 
 
+def test_merge_keeps_the_parameter_order_of_a_conv_with_bias():
+    conv = nn.Conv2d(3, 4, 3, bias=True)
+    attach_branch(conv)
+    merge_branch(conv)
+    assert list(conv.state_dict()) == ["weight", "bias"] and [p.shape[0] for p in conv.parameters()] == [4, 4]
+    assert conv.weight.dim() == 4
+
+
 def test_attach_twice_and_merge_without_branch_are_refused():
     conv = nn.Conv2d(2, 2, 3)
     attach_branch(conv)

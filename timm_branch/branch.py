@@ -82,6 +82,7 @@ class ConvBranch(nn.Module):
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not hold kernels of size {kernel_size}")
         self.shape = shape
         self.kernel_size = tuple(kernel_size)
+        self.parameter_order: list[str] = []
         # Kernel taps are the innermost dimension of every timm/PyTorch conv weight layout.
         self._grid = (*_lead_shape(weight, self.kernel_size), kernel_numel)
         n_taps = kernel_numel if taps is None else len(taps)
@@ -123,6 +124,8 @@ def attach_branch(conv: nn.Module, shape: str = "cross") -> ConvBranch:
     if get_branch(conv) is not None:
         raise ValueError(f"{type(conv).__name__} already has a branch; merge it first")
     branch = ConvBranch(conv.weight, _kernel_size(conv), shape)
+    # Registration moves ``weight`` out of ``_parameters``; merging puts it back at this position.
+    branch.parameter_order = list(conv._parameters)
     # unsafe=True skips a trial forward: ConvBranch keeps shape and dtype by construction.
     parametrize.register_parametrization(conv, "weight", branch, unsafe=True)
     return branch
@@ -156,6 +159,12 @@ def merge_branch(conv: nn.Module) -> None:
         conv.__class__ = type(conv).__bases__[0]
         conv.register_parameter("weight", original)
         original.copy_(effective)
+    # State-dict and parameters() order as before (optimiser states are indexed by position).
+    params = conv._parameters
+    ordered = {name: params[name] for name in branch.parameter_order if name in params}
+    ordered.update(params)
+    params.clear()
+    params.update(ordered)
 
 
 def iter_branches(model: nn.Module) -> Iterator[tuple[str, nn.Module, ConvBranch]]:

@@ -1,0 +1,166 @@
+"""Coverage: add -> perturb -> merge round trip on one model of every timm family with BatchNorm.
+
+Every model runs in float64, in eval mode, with randomised BatchNorm statistics and affine
+parameters, on a batch of 2:
+
+1. ``find_conv_bn_pairs`` finds at least one pair;
+2. ``add_branches`` leaves the output unchanged (relative error <= 1e-12);
+3. after random small branches, ``merge_branches`` reproduces the branched output (<= 1e-10) and
+   restores module classes, modes, state-dict keys/shapes/dtypes and ``requires_grad`` flags.
+
+Models whose pairing falls back (``FALLBACK_MODELS`` in ``tests/zoo.py``) must emit a
+``PairingFallbackWarning``; the others must not. The fast tier (default) runs a few small, diverse
+models in every branch shape; ``pytest -m slow`` runs the whole zoo with the shapes rotated.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+
+from _helpers import (
+    assert_restored,
+    max_rel_err,
+    pairing_warnings,
+    perturb_branches,
+    randomise_batchnorm,
+    snapshot,
+)
+from timm_branch import (
+    BRANCH_SHAPES,
+    NoBatchNormError,
+    add_branches,
+    branch_parameters,
+    find_conv_bn_pairs,
+    merge_branches,
+)
+from timm_branch.bn import is_batchnorm
+from zoo import (
+    DEFAULT_INPUT_SIZE,
+    FALLBACK_MODELS,
+    FAMILY_MODELS,
+    FAST_MODELS,
+    INPUT_SIZES,
+    NO_BATCHNORM_EXAMPLES,
+    NO_BATCHNORM_FAMILIES,
+    NO_PAIR_FAMILIES,
+    SPECIAL_MODELS,
+)
+
+ADD_TOL = 1e-12
+MERGE_TOL = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Run this module on one intra-op thread, then restore the setting.
+
+    The models are small and the batches tiny, so one thread is about as fast as two; and on a busy
+    machine two OpenMP threads spin-wait for each other (xception41p: 4 s alone, 146 s on a loaded
+    2-core machine, 4 s again on one thread).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def _available() -> frozenset[str]:
+    return frozenset(timm.list_models())
+
+
+def _create(name: str, **kwargs) -> torch.nn.Module:
+    if name not in _available():
+        pytest.skip(f"{name} is not in timm {timm.__version__}")
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _round_trip(name: str, shape: str, **kwargs) -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = randomise_batchnorm(_create(name, **kwargs).double().eval(), gen)
+    x = torch.randn(2, 3, *INPUT_SIZES.get(name, DEFAULT_INPUT_SIZE), dtype=torch.float64, generator=gen)
+    before = snapshot(model)
+    with torch.no_grad():
+        original = model(x)
+
+    with pairing_warnings(name in FALLBACK_MODELS, name):
+        pairs = find_conv_bn_pairs(model, example_input=x)
+        assert pairs, f"{name}: no conv -> BatchNorm pair found"
+        add_branches(model, shape=shape, example_input=x)
+    assert sum(1 for _ in branch_parameters(model)) == len(pairs)
+    with torch.no_grad():
+        branched = model(x)
+    assert max_rel_err(branched, original) <= ADD_TOL
+
+    perturb_branches(model, gen, std=1e-3)
+    with torch.no_grad():
+        perturbed = model(x)
+    assert torch.isfinite(perturbed).all(), f"{name}: non-finite output with perturbed branches"
+    assert max_rel_err(perturbed, original) > 0, f"{name}: the branches do not change the output"
+
+    merge_branches(model)
+    with torch.no_grad():
+        merged = model(x)
+    assert max_rel_err(merged, perturbed) <= MERGE_TOL
+    assert_restored(before, snapshot(model), name)
+
+
+def _fast_cases():
+    for case_id, (name, kwargs) in FAST_MODELS.items():
+        for shape in BRANCH_SHAPES:
+            yield pytest.param(name, kwargs, shape, id=f"{case_id}-{shape}")
+
+
+@pytest.mark.parametrize("name, kwargs, shape", list(_fast_cases()))
+def test_round_trip_fast(name, kwargs, shape):
+    _round_trip(name, shape, **kwargs)
+
+
+def _sweep_cases():
+    families = {name: family for family, name in FAMILY_MODELS.items()}
+    names = [*FAMILY_MODELS.values(), *(name for name in SPECIAL_MODELS if name not in families)]
+    for i, name in enumerate(names):
+        shape = BRANCH_SHAPES[i % len(BRANCH_SHAPES)]
+        case_id = f"{families.get(name, 'special')}-{name}-{shape}"
+        yield pytest.param(name, shape, id=case_id, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name, shape", list(_sweep_cases()))
+def test_round_trip_sweep(name, shape):
+    _round_trip(name, shape)
+
+
+@pytest.mark.parametrize("name", NO_BATCHNORM_EXAMPLES)
+def test_no_batchnorm_model_is_refused(name):
+    model = _create(name)
+    with pytest.raises(NoBatchNormError, match="BatchNorm"):
+        add_branches(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NO_BATCHNORM_FAMILIES)
+def test_no_batchnorm_family_is_refused(family):
+    names = timm.list_models(module=family)
+    if not names:
+        pytest.skip(f"family {family} is not in timm {timm.__version__}")
+    with torch.device("meta"):  # no memory, no init cost: only the module tree matters
+        model = timm.create_model(names[0], pretrained=False)
+    assert not any(is_batchnorm(m) for m in model.modules())
+    with pytest.raises(NoBatchNormError, match="BatchNorm"):
+        add_branches(model)
+
+
+def test_zoo_classifies_every_family():
+    """Each family of the installed timm is in exactly one list of tests/zoo.py."""
+    lists = [set(FAMILY_MODELS), set(NO_PAIR_FAMILIES), set(NO_BATCHNORM_FAMILIES)]
+    assert not (lists[0] & lists[1] or lists[0] & lists[2] or lists[1] & lists[2])
+    unknown = sorted(set(timm.list_modules()) - set().union(*lists))
+    assert not unknown, (
+        f"timm {timm.__version__} has families tests/zoo.py does not know: {unknown}; "
+        "rerun `python scripts/coverage.py --select` and update tests/zoo.py"
+    )
+    assert set(FALLBACK_MODELS) <= {*FAMILY_MODELS.values(), *SPECIAL_MODELS, *(name for name, _ in FAST_MODELS.values())}

@@ -1,0 +1,155 @@
+"""The continual trainer on the bundled digits with timm's tiny test_resnet: strategies, resume, CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from timm_branch.bn import is_batchnorm
+from timm_branch.branch import tap_indices
+from timm_branch.pairs import find_conv_bn_pairs
+from timm_branch.train import checkpoint as ckpt
+from timm_branch.train.config import TrainConfig
+from timm_branch.train.continual import ContinualRun
+
+TINY = dict(model="test_resnet", image_size=16, batch_size=32, epochs=1, num_tasks=2, linear_probe=False, knn_k=5)
+
+
+def _config(tmp_path, **kwargs) -> TrainConfig:
+    return TrainConfig(**{**TINY, "output": str(tmp_path / "run"), **kwargs})
+
+
+def _weights(run_dir, task: int) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(ckpt.task_dir(run_dir, task) / "model.safetensors")
+
+
+def test_config_reports_every_problem_at_once():
+    config = TrainConfig(model="resnet1800", strategy="magic", shape="star", batch_size=1, data=[])
+    with pytest.raises(ValueError) as err:
+        config.validate()
+    text = str(err.value)
+    for needle in ("model='resnet1800' is not a timm model", "strategy='magic'", "shape='star'", "batch_size=1", "data is empty"):
+        assert needle in text
+
+
+def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
+    config = TrainConfig(method="byol", data=["digits"], lr=0.1)
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml())
+    assert TrainConfig.from_yaml(path) == config
+    with pytest.raises(ValueError, match=r"unknown configuration keys \['epoch'\]"):
+        TrainConfig.from_dict({"epoch": 3})
+
+
+def test_batch_larger_than_a_task_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="task 0 has .* training images, fewer than batch_size=2000"):
+        ContinualRun(_config(tmp_path, batch_size=2000))
+    assert not (tmp_path / "run").exists()
+
+
+def test_branch_strategy_changes_only_branch_taps_and_keeps_bn(tmp_path):
+    run_dir = ContinualRun(_config(tmp_path, strategy="branch", shape="cross"), progress=False).run().parent
+    before, after = _weights(run_dir, 0), _weights(run_dir, 1)
+    model = timm.create_model("test_resnet", num_classes=0)
+    paired = {p.conv for p in find_conv_bn_pairs(model)}
+    changed_taps = 0
+    for name, module in model.named_modules():
+        if name in paired:
+            delta = (after[f"{name}.weight"] - before[f"{name}.weight"]).flatten(2)
+            taps = tap_indices(module.kernel_size, "cross")
+            off = torch.ones(delta.shape[-1], dtype=torch.bool)
+            off[taps] = False
+            assert (delta[..., off] == 0).all(), name  # only the folded branch moved the kernel
+            changed_taps += int((delta[..., taps] != 0).any())
+    assert changed_taps == len(paired)  # every branch learned something
+    bn_keys = [k for k in before if any(k.startswith(n + ".") for n, m in model.named_modules() if is_batchnorm(m))]
+    assert bn_keys and all(torch.equal(before[k], after[k]) for k in bn_keys)
+
+
+def test_finetune_strategy_moves_everything(tmp_path):
+    run_dir = ContinualRun(_config(tmp_path, strategy="finetune"), progress=False).run().parent
+    before, after = _weights(run_dir, 0), _weights(run_dir, 1)
+    assert not torch.equal(before["conv1.0.weight"], after["conv1.0.weight"])
+    assert not torch.equal(before["conv1.1.running_mean"], after["conv1.1.running_mean"])
+
+
+def test_joint_strategy_sees_the_union_of_tasks(tmp_path):
+    run = ContinualRun(_config(tmp_path, strategy="joint", num_tasks=3))
+    union = torch.cat([t.train for t in run.scenario.tasks[:2]])
+    assert torch.equal(run._task_indices(1), union)
+    assert torch.equal(ContinualRun(_config(tmp_path, strategy="branch", num_tasks=3))._task_indices(1), run.scenario.tasks[1].train)
+
+
+@pytest.mark.parametrize("method, strategy", [("byol", "cassle+branch"), ("moco", "cassle")])
+def test_momentum_and_distillation_strategies_run(tmp_path, method, strategy):
+    run = ContinualRun(_config(tmp_path, method=method, strategy=strategy), progress=False)
+    final = run.run()
+    state = ckpt.read_task_state(final.parent, 1)
+    assert any(k.startswith("momentum.") for k in state)
+    metrics = (final.parent / "metrics.json").read_text()
+    assert '"knn_top1"' in metrics
+
+
+def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatch):
+    config = dict(strategy="cassle+branch", method="byol", epochs=2)
+    reference = ContinualRun(_config(tmp_path / "a", **config), progress=False).run()
+
+    original = ckpt.write_checkpoint
+
+    def crash_after(run, task, epoch, *args):
+        path = original(run, task, epoch, *args)
+        if (task, epoch) == (1, 0):
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", crash_after)
+    interrupted = _config(tmp_path / "b", **config)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRun(interrupted, progress=False).run()
+    assert ckpt.finished_tasks(tmp_path / "b" / "run") == 1
+    monkeypatch.setattr(ckpt, "write_checkpoint", original)
+    with pytest.raises(FileExistsError, match="--resume"):
+        ContinualRun(interrupted, progress=False).run()
+    resumed = ContinualRun(interrupted, progress=False).run(resume=True)
+    assert (resumed / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
+    assert ckpt.read_task_state(resumed.parent, 1).keys() == ckpt.read_task_state(reference.parent, 1).keys()
+    assert all(torch.equal(v, ckpt.read_task_state(reference.parent, 1)[k]) for k, v in ckpt.read_task_state(resumed.parent, 1).items())
+
+
+_LOAD = textwrap.dedent(
+    """
+    import sys, timm, torch
+    model = eval(sys.argv[1])  # the exact line the CLI printed
+    assert "timm_branch" not in sys.modules
+    out = model.eval()(torch.rand(2, 3, 16, 16))
+    assert out.shape == (2, model.num_features) and torch.isfinite(out).all()
+    """
+)
+
+
+def test_cli_two_tasks_and_plain_timm_loads_the_result(tmp_path):
+    out = tmp_path / "cli-run"
+    cmd = [sys.executable, "-m", "timm_branch", "train", "--model", "test_resnet", "--image-size", "16", "--batch-size", "32",
+           "--epochs", "1", "--num-tasks", "2", "--no-linear-probe", "--output", str(out), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == f'timm.create_model("local-dir:{out / "task-1"}", pretrained=True)'
+    assert (out / "config.yaml").is_file() and (out / "metrics.json").is_file()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HUB_OFFLINE": "1"}
+    loaded = subprocess.run([sys.executable, "-c", _LOAD, last], capture_output=True, text=True, env=env, timeout=300)
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+
+
+def test_cli_reports_bad_arguments_clearly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "timm_branch", "train", "--strategy", "nope", "--output", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "strategy='nope' is not one of" in result.stderr

@@ -1,0 +1,96 @@
+"""The ``timm-branch`` command line: ``timm-branch train`` runs a continual SSL job.
+
+Every :class:`~timm_branch.train.config.TrainConfig` field is a flag (``--batch-size 128``);
+``--config FILE.yaml`` reads a YAML file first, and flags given on the command line win.
+``--resume RUN_DIR`` continues an interrupted run with the configuration saved in it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+
+from .train.config import TrainConfig
+
+_HELP = {
+    "model": "timm architecture (pretrained=False)",
+    "pretrained": "start from weights: a timm name, hf-hub:org/name or local-dir:PATH",
+    "data": "data sources: digits, cifar100:ROOT, a .npz file or an image folder (several for --scenario domain)",
+    "scenario": "class | data | domain",
+    "num_tasks": "number of tasks (class/data scenarios)",
+    "method": "simclr | byol | barlow | moco | vicreg | swav",
+    "strategy": "finetune | branch | cassle | cassle+branch | joint",
+    "shape": "branch shape: 1x1 | cross | full",
+    "bn": "BatchNorm policy under branches: frozen | affine | train",
+    "epochs": "epochs per task",
+    "lr": "learning rate (default: the method's recipe, scaled by batch_size / 256)",
+    "weight_decay": "weight decay (default: the method's recipe)",
+    "precision": "fp32 | bf16 (autocast)",
+    "output": "run folder (task-K/ models, metrics.json, config.yaml)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": _HELP.get(field.name)}
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif hint == list[str]:
+            parser.add_argument(flag, nargs="+", metavar="SOURCE", **kwargs)
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            parser.add_argument(flag, type=base, metavar=field.name.upper(), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="timm-branch", description="Continual self-supervised learning of timm CNNs with Branch-tuning.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run continual SSL over a task sequence", description=TrainConfig.__doc__)
+    train.add_argument("--config", type=Path, help="YAML file of configuration keys (flags override it)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    _add_config_flags(train)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.continual import ContinualRun
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume is not None:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise SystemExit(f"timm-branch: {saved} not found: --resume needs a run folder made by timm-branch train")
+        config = TrainConfig.from_yaml(saved)
+        if overrides:
+            raise SystemExit(f"timm-branch: --resume continues with the saved configuration; drop {', '.join(sorted(overrides))}")
+    else:
+        values = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
+        config = TrainConfig.from_dict({**values, **overrides})
+    run = ContinualRun(config, progress=not args.no_progress)
+    final = run.run(resume=args.resume is not None)
+    print(f"final model: {final}")
+    print(f'timm.create_model("local-dir:{final}", pretrained=True)')
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "train":
+            return _train(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"timm-branch: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

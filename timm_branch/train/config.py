@@ -1,0 +1,122 @@
+"""The configuration of a continual SSL run, validated as a whole before any training starts."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+STRATEGIES: tuple[str, ...] = ("finetune", "branch", "cassle", "cassle+branch", "joint")
+SCENARIOS: tuple[str, ...] = ("class", "data", "domain")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are the README's offline run (digits, 5 tasks, SimCLR).
+
+    ``lr`` and ``weight_decay`` default to the SSL method's recipe; ``split_seed`` to the
+    scenario's convention (5 for class-incremental, 42 for data-incremental).
+    """
+
+    model: str = "resnet18"
+    pretrained: str | None = None  # a timm name, "hf-hub:org/name" or "local-dir:PATH"; replaces model
+    data: list[str] = field(default_factory=lambda: ["digits"])
+    scenario: str = "class"
+    num_tasks: int = 5
+    split_seed: int | None = None
+    method: str = "simclr"
+    strategy: str = "branch"
+    shape: str = "cross"
+    bn: str = "frozen"
+    epochs: int = 4
+    batch_size: int = 64
+    image_size: int = 32
+    optimizer: str = "lars"
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: int = 1
+    distill_weight: float = 1.0
+    precision: str = "fp32"
+    channels_last: bool = False
+    device: str = "auto"
+    seed: int = 0
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_probe: bool = True
+    eval_batch_size: int = 256
+    output: str = "runs/default"
+
+    def problems(self) -> list[str]:
+        """Every problem with the configuration that can be seen without loading data."""
+        import timm
+
+        from ..bn import BN_POLICIES
+        from ..branch import BRANCH_SHAPES
+        from ..ssl import METHODS
+        from .optim import OPTIMIZERS
+
+        found = []
+        choices = [
+            ("strategy", STRATEGIES), ("scenario", SCENARIOS), ("method", METHODS), ("shape", BRANCH_SHAPES),
+            ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
+        ]
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                found.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.pretrained:
+            if not self.pretrained.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(self.pretrained):
+                found.append(f"pretrained={self.pretrained!r} is neither a timm model name nor an hf-hub:/local-dir: source")
+        elif not timm.is_model(self.model):
+            close = timm.list_models(f"*{self.model.split('.')[0][:6]}*")[:5]
+            found.append(f"model={self.model!r} is not a timm model name" + (f" (close: {', '.join(close)})" if close else ""))
+        for name, low in (("num_tasks", 1), ("epochs", 1), ("batch_size", 2), ("image_size", 8), ("eval_batch_size", 1), ("knn_k", 1)):
+            if getattr(self, name) < low:
+                found.append(f"{name}={getattr(self, name)} must be at least {low}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            found.append(f"warmup_epochs={self.warmup_epochs} must lie between 0 and epochs={self.epochs}")
+        if self.lr is not None and self.lr <= 0:
+            found.append(f"lr={self.lr} must be positive")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            found.append(f"weight_decay={self.weight_decay} must not be negative")
+        if not self.data:
+            found.append("data is empty: give at least one source (e.g. digits, a folder, a .npz file)")
+        if self.scenario == "domain" and len(self.data) < 2:
+            found.append("scenario='domain' needs two or more data sources, one per task")
+        if self.scenario != "domain" and len(self.data) != 1:
+            found.append(f"scenario={self.scenario!r} takes one data source, got {len(self.data)} (use scenario='domain')")
+        return found
+
+    def validate(self) -> "TrainConfig":
+        """Raise ``ValueError`` listing every problem at once; return ``self`` when there is none."""
+        found = self.problems()
+        if found:
+            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(found))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a mapping; unknown keys raise ``ValueError`` naming them and the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}; known keys: {', '.join(sorted(known))}")
+        values = dict(values)
+        if isinstance(values.get("data"), str):
+            values["data"] = [values["data"]]
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        text = Path(path).read_text(encoding="utf-8")
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a configuration file must hold a mapping of keys to values")
+        return cls.from_dict(values)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,365 @@
+"""The continual run: a task sequence, a strategy per task, evaluation and export after each task.
+
+Strategies (``TrainConfig.strategy``):
+
+- ``finetune``: every parameter trains, BatchNorm in train mode.
+- ``branch`` (Branch-tuning): before each task after the first, :func:`~timm_branch.add_branches`
+  (``shape``, ``bn``); the branches and the SSL heads train; after the task the branches are
+  merged. Task 0 is ordinary SSL training.
+- ``cassle``: fine-tuning plus CaSSLe distillation (predictor + the method's loss) towards a
+  frozen copy of the previous task's backbone and projector; total loss ``ssl + distill_weight *
+  distill``.
+- ``cassle+branch``: both.
+- ``joint``: the offline reference: task t trains (continuing from task t-1's model, like
+  fine-tuning) on the union of the data of tasks 0..t.
+
+With ``pretrained`` set, task 0 starts from those weights and uses the strategy too (its CaSSLe
+teacher is the pretrained backbone with the freshly initialised projector).
+
+Momentum networks (BYOL, MoCo v2+) are copies of the backbone and heads, branched and merged
+together with the online network and EMA-updated on *all* parameters, so they follow the
+online network's effective weights, branches included.
+
+Reproducibility: every random draw of task ``t``, epoch ``e`` comes from seeds derived from
+``(seed, t, e)``, so a run resumed from a checkpoint draws what an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..branch import iter_branches
+from ..data import DataSource, EvalTransform, Scenario, TwoViewAugment, build_scenario, load_source
+from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
+from ..export import save_pretrained
+from ..ssl import SSLMethod, build_distiller, build_method, cosine_momentum, ema_update
+from ..surgery import add_branches, branch_parameters, merge_branches
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("timm_branch.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the task stopped and the last checkpoint is kept."""
+
+
+@dataclass
+class Learner:
+    """The networks one task trains, and the frozen ones it learns from."""
+
+    backbone: nn.Module
+    method: SSLMethod
+    momentum: nn.Module | None = None
+    teacher: nn.Module | None = None
+    teacher_method: SSLMethod | None = None
+    distiller: nn.Module | None = None
+
+    def trained(self) -> dict[str, nn.Module | None]:
+        """The modules whose state a checkpoint keeps (the teacher is rebuilt from the last task)."""
+        return {"backbone": self.backbone, "method": self.method, "momentum": self.momentum, "distiller": self.distiller}
+
+
+def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Global-pooled backbone features ``(B, num_features)`` of a float batch."""
+    return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+
+
+def _seed(config: TrainConfig, task: int, epoch: int) -> int:
+    return (config.seed * 1_000_003 + (task + 1) * 10_007 + (epoch + 1) * 101) % (2**62)
+
+
+class ContinualRun:
+    """One continual SSL run in ``config.output``; :meth:`run` trains every unfinished task.
+
+    Args:
+        config: the run's configuration (validated here).
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        self.config = config.validate()
+        self.progress = progress
+        self.run_dir = Path(config.output)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        sources = [load_source(spec, config.image_size) for spec in config.data]
+        source: DataSource | list[DataSource] = sources if config.scenario == "domain" else sources[0]
+        self.scenario: Scenario = build_scenario(config.scenario, source, None if config.scenario == "domain" else config.num_tasks, config.split_seed)
+        self._check_data()
+        self.images = self.scenario.source.train.images.to(self.device)
+        recipe_method = build_method(config.method, 8)  # only for its recipe
+        self.recipe = recipe_method.recipe
+        r = self.recipe
+        self.augment = TwoViewAugment(
+            config.image_size, solarize_p=r.solarize_p, blur_p=r.blur_p, crop_min_scale=r.crop_min_scale,
+            flip_p=r.flip_p, jitter=r.jitter, jitter_p=r.jitter_p, gray_p=r.gray_p,
+        ).to(self.device)
+        self.eval_transform = EvalTransform(config.image_size).to(self.device)
+        # Recipes give the learning rate for batch 256; scale linearly, as solo-learn does.
+        base_lr = config.lr if config.lr is not None else r.lr
+        self.lr = base_lr * config.batch_size / 256 if config.lr is None else base_lr
+        self.weight_decay = config.weight_decay if config.weight_decay is not None else r.weight_decay
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _check_data(self) -> None:
+        for task in self.scenario.tasks:
+            n = len(self._task_indices(task.index))
+            if n < self.config.batch_size:
+                raise ValueError(
+                    f"task {task.index} has {n} training images, fewer than batch_size={self.config.batch_size}; "
+                    "lower --batch-size or use fewer tasks"
+                )
+
+    def _task_indices(self, task: int) -> torch.Tensor:
+        if self.config.strategy == "joint":
+            return torch.cat([self.scenario.tasks[t].train for t in range(task + 1)])
+        return self.scenario.tasks[task].train
+
+    # -- building ----------------------------------------------------------------------------------
+
+    def _new_backbone(self, random_init: bool = False) -> nn.Module:
+        torch.manual_seed(self.config.seed)
+        if self.config.pretrained and random_init:
+            model = timm.create_model(self.config.pretrained, pretrained=False, num_classes=0)
+        elif self.config.pretrained:
+            model = timm.create_model(self.config.pretrained, pretrained=True, num_classes=0)
+        else:
+            model = timm.create_model(self.config.model, pretrained=False, num_classes=0)
+        return self._place(model)
+
+    def _place(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.config.channels_last else module
+
+    def _initial_learner(self) -> Learner:
+        backbone = self._new_backbone()
+        torch.manual_seed(_seed(self.config, -1, -1))
+        method = self._place(build_method(self.config.method, backbone.num_features))
+        momentum = copy.deepcopy(backbone) if method.uses_momentum else None
+        return Learner(backbone, method, momentum)
+
+    def _learner_after(self, task: int) -> Learner:
+        """The learner as it was when ``task`` finished, read back from ``task-K``."""
+        learner = self._initial_learner()
+        folder = ckpt.task_dir(self.run_dir, task)
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        learner.backbone.load_state_dict(model.state_dict(), strict=True)
+        tensors = ckpt.read_task_state(self.run_dir, task)
+        ckpt.load_module_tensors(tensors, {"method": learner.method, "momentum": learner.momentum}, folder)
+        return learner
+
+    def _uses_branches(self, task: int) -> bool:
+        return self.config.strategy in ("branch", "cassle+branch") and (task > 0 or bool(self.config.pretrained))
+
+    def _uses_cassle(self, task: int) -> bool:
+        return self.config.strategy in ("cassle", "cassle+branch") and (task > 0 or bool(self.config.pretrained))
+
+    def _prepare_task(self, learner: Learner, task: int) -> None:
+        """Teacher, distiller and branches for ``task``, identically on a fresh or a resumed run."""
+        torch.manual_seed(_seed(self.config, task, -1))
+        if self._uses_cassle(task):
+            learner.teacher = copy.deepcopy(learner.backbone).eval().requires_grad_(False)
+            learner.teacher_method = copy.deepcopy(learner.method).eval().requires_grad_(False)
+            learner.distiller = self._place(build_distiller(learner.method))
+        else:
+            learner.teacher = learner.teacher_method = learner.distiller = None
+        for p in learner.backbone.parameters():
+            p.requires_grad_(True)
+        if self._uses_branches(task):
+            for net in (learner.backbone, learner.momentum):
+                if net is not None:
+                    add_branches(net, shape=self.config.shape, bn=self.config.bn)
+        if learner.momentum is not None:
+            learner.momentum.requires_grad_(False)
+
+    def _trainable(self, learner: Learner) -> list[tuple[str, nn.Parameter]]:
+        named = []
+        if next(iter_branches(learner.backbone), None) is not None:
+            named += [(f"branch.{i}", p) for i, p in enumerate(branch_parameters(learner.backbone))]
+        else:
+            named += [(f"backbone.{n}", p) for n, p in learner.backbone.named_parameters()]
+        named += [(f"method.{n}", p) for n, p in learner.method.named_parameters() if p.requires_grad]
+        if learner.distiller is not None:
+            named += [(f"distiller.{n}", p) for n, p in learner.distiller.named_parameters()]
+        return named
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def _steps_per_epoch(self, task: int) -> int:
+        return len(self._task_indices(task)) // self.config.batch_size
+
+    def _train_task(self, learner: Learner, task: int) -> None:
+        cfg = self.config
+        steps = self._steps_per_epoch(task)
+        total = steps * cfg.epochs
+        optimizer = build_optimizer(cfg.optimizer, self._trainable(learner), self.lr, self.weight_decay)
+        scheduler = build_scheduler(optimizer, total, steps * cfg.warmup_epochs)
+        start = 0
+        saved = ckpt.read_checkpoint(self.run_dir, task)
+        if saved is not None:
+            epoch, tensors, optim_state = saved
+            ckpt.load_module_tensors(tensors, learner.trained(), self.run_dir / ckpt.POINTER)
+            optimizer.load_state_dict(optim_state["optimizer"])
+            scheduler.load_state_dict(optim_state["scheduler"])
+            start = epoch + 1
+            log.info("task %d: resuming after epoch %d", task, epoch)
+        indices = self._task_indices(task).to(self.device)
+        for epoch in range(start, cfg.epochs):
+            seed = _seed(cfg, task, epoch)
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            learner.backbone.train()
+            learner.method.train()
+            if learner.momentum is not None:
+                learner.momentum.train()
+            if learner.distiller is not None:
+                learner.distiller.train()
+            learner.method.on_epoch_start(epoch)
+            order = indices[torch.randperm(len(indices), generator=gen, device=self.device)]
+            bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
+            started = time.perf_counter()
+            for step in bar:
+                batch = self.images[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+                loss = self._step(learner, batch, gen, optimizer, scheduler, epoch * steps + step, total)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"task {task}, epoch {epoch + 1}, step {step + 1}: the loss is {loss.item()}; the task stopped, "
+                        "the last checkpoint is intact. Lower --lr or check the data."
+                    )
+                rate = (step + 1) * cfg.batch_size / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
+            log.info("task %d epoch %d/%d: loss %.4f", task, epoch + 1, cfg.epochs, loss.item())
+            ckpt.write_checkpoint(
+                self.run_dir, task, epoch, ckpt.module_tensors(learner.trained()),
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            )
+
+    def _step(self, learner: Learner, batch: torch.Tensor, gen: torch.Generator, optimizer, scheduler, step: int, total: int) -> torch.Tensor:
+        cfg = self.config
+        views = self.augment(batch, gen)
+        if cfg.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        with autocast:
+            feats = [features(learner.backbone, v) for v in views]
+            momentum_feats = None
+            if learner.momentum is not None:
+                with torch.no_grad():
+                    momentum_feats = [features(learner.momentum, v) for v in views]
+            out = learner.method(feats, momentum_feats)
+            loss = out.loss
+            if learner.distiller is not None:
+                with torch.no_grad():
+                    z_frozen = learner.teacher_method.project([features(learner.teacher, v) for v in views])
+                loss = loss + cfg.distill_weight * learner.distiller(out.z, z_frozen, learner.method, learner.teacher_method)
+        if not torch.isfinite(loss):
+            return loss.detach()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if learner.momentum is not None:
+            m = cosine_momentum(step, total, self.recipe.base_momentum, self.recipe.final_momentum)
+            ema_update(learner.backbone, learner.momentum, m)
+            for online, target in learner.method.momentum_pairs():
+                ema_update(online, target, m)
+        return loss.detach()
+
+    def _finish_task(self, learner: Learner, task: int) -> None:
+        for net in (learner.backbone, learner.momentum):
+            if net is not None and next(iter_branches(net), None) is not None:
+                merge_branches(net)
+        learner.backbone.eval()
+        trainer_tensors = ckpt.module_tensors({"method": learner.method, "momentum": learner.momentum})
+        info = {"task": task, "strategy": self.config.strategy, "method": self.config.method,
+                "branches": self._uses_branches(task), "cassle": self._uses_cassle(task)}
+        ckpt.write_task(self.run_dir, task, lambda folder: save_pretrained(learner.backbone, folder), trainer_tensors, info)
+        ckpt.clear_checkpoints(self.run_dir)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def _evaluate(self, backbone: nn.Module) -> dict | None:
+        """kNN and linear-probe top-1 on all classes and per task; ``None`` for unlabeled data."""
+        source = self.scenario.source
+        if source.train.labels is None or source.test is None or source.test.labels is None:
+            return None
+        cfg = self.config
+        train_f = extract_features(backbone, self.images, self.eval_transform, cfg.eval_batch_size, self.device)
+        test_f = extract_features(backbone, source.test.images, self.eval_transform, cfg.eval_batch_size, self.device)
+        train_y, test_y = source.train.labels, source.test.labels
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        tasks = self.scenario.tasks
+        by_classes = self.scenario.kind == "class"
+        masks = None
+        if not by_classes:
+            masks = []
+            for t in tasks:
+                mask = torch.zeros(len(test_y), dtype=torch.bool)
+                mask[t.test] = True
+                masks.append(mask)
+        classes = [t.classes for t in tasks] if by_classes else None
+        result = {}
+        knn = knn_predict(train_f, train_y, test_f, num_classes, k=cfg.knn_k, temperature=cfg.knn_temperature).argmax(1)
+        result["knn_top1"] = top1_accuracy(knn, test_y)
+        result["knn_per_task"] = per_task_accuracy(knn, test_y, task_classes=classes, task_masks=masks)
+        if cfg.linear_probe:
+            probe = linear_probe(train_f, train_y, test_f, test_y, num_classes)
+            result["linear_top1"] = probe.accuracy
+            result["linear_per_task"] = per_task_accuracy(probe.predictions, test_y, task_classes=classes, task_masks=masks)
+        return result
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> Path:
+        """Train every unfinished task; returns the folder of the last task's merged model."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        done = ckpt.finished_tasks(self.run_dir)
+        if (done or (self.run_dir / ckpt.POINTER).exists()) and not resume:
+            raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --output")
+        from .._io import atomic_write_text
+
+        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        metrics_path = self.run_dir / "metrics.json"
+        if resume and metrics_path.exists():
+            metrics = ContinualMetrics.load(metrics_path)
+        else:
+            classes = [t.classes for t in self.scenario.tasks] if self.scenario.kind == "class" else None
+            metrics = ContinualMetrics(num_tasks=len(self.scenario), task_classes=classes, meta=self._meta())
+        learner = self._learner_after(done - 1) if done else self._initial_learner()
+        if not done and metrics.random_init is None:
+            scores = self._evaluate(self._new_backbone(random_init=True).eval())
+            if scores is not None:
+                metrics.set_random_init(**scores)
+        for task in range(done, len(self.scenario)):
+            started = time.perf_counter()
+            self._prepare_task(learner, task)
+            self._train_task(learner, task)
+            self._finish_task(learner, task)
+            scores = self._evaluate(learner.backbone) or {}
+            metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
+            metrics.save(self.run_dir)
+            self._log_task(task, scores)
+        final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
+        return final
+
+    def _meta(self) -> dict:
+        return {"strategy": self.config.strategy, "method": self.config.method, "model": self.config.model,
+                "shape": self.config.shape, "bn": self.config.bn, "seed": self.config.seed,
+                "data": list(self.config.data), "scenario": self.scenario.kind}
+
+    def _log_task(self, task: int, scores: dict) -> None:
+        parts = [f"{k} {v * 100:.2f}%" for k, v in scores.items() if k.endswith("top1")]
+        log.info("task %d done: %s", task, ", ".join(parts) or "no labels to evaluate")

@@ -153,3 +153,42 @@ def test_cli_reports_bad_arguments_clearly(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2 and "strategy='nope' is not one of" in result.stderr
+
+
+def test_resume_recovers_the_evaluation_of_a_task_finished_just_before_a_crash(tmp_path, monkeypatch):
+    from timm_branch.evaluate import ContinualMetrics
+
+    config = _config(tmp_path, num_tasks=2)
+
+    def crash(self, directory):
+        raise KeyboardInterrupt("crash between task-0/ and metrics.json")
+
+    monkeypatch.setattr(ContinualMetrics, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRun(config, progress=False).run()
+    monkeypatch.undo()
+    run_dir = tmp_path / "run"
+    assert ckpt.finished_tasks(run_dir) == 1 and not (run_dir / "metrics.json").exists()
+    ContinualRun(config, progress=False).run(resume=True)
+    metrics = ContinualMetrics.load(run_dir)
+    assert [row.task for row in metrics.rows] == [0, 1] and metrics.rows[0].extra["recovered"] is True
+    assert metrics.random_init is not None and metrics.rows[0].knn_top1 is not None
+
+
+def test_pretrained_start_uses_the_strategy_from_task_zero(tmp_path):
+    base = ContinualRun(_config(tmp_path / "base", num_tasks=1, strategy="finetune"), progress=False).run()
+    config = _config(tmp_path, pretrained=f"local-dir:{base}", strategy="branch", shape="1x1", num_tasks=2)
+    run_dir = ContinualRun(config, progress=False).run().parent
+    start, after = _weights(base.parent, 0), _weights(run_dir, 0)
+    delta = (after["conv1.0.weight"] - start["conv1.0.weight"]).flatten(2)
+    centre = tap_indices((3, 3), "1x1")
+    assert (delta[..., [i for i in range(9) if i not in centre.tolist()]] == 0).all()
+    assert (delta[..., centre] != 0).any()  # task 0 trained a branch on the pretrained kernel
+
+
+def test_domain_sequence_one_task_per_source(tmp_path):
+    run = ContinualRun(_config(tmp_path, scenario="domain", data=["digits", "digits"], num_tasks=2), progress=False)
+    assert [t.source for t in run.scenario.tasks] == ["digits", "digits"] and len(run.scenario.tasks) == 2
+    run.run()
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    assert '"linear_top1": null' in metrics and '"knn_per_task"' in metrics

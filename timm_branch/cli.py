@@ -29,6 +29,7 @@ _HELP = {
     "lr": "learning rate (default: the method's recipe, scaled by batch_size / 256)",
     "weight_decay": "weight decay (default: the method's recipe)",
     "precision": "fp32 | bf16 (autocast)",
+    "optimizer": "lars | sgd | adamw (default: the method's recipe)",
     "output": "run folder (task-K/ models, metrics.json, config.yaml)",
 }
 

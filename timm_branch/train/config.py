@@ -16,7 +16,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 class TrainConfig:
     """Everything a run needs; the defaults are the README's offline run (digits, 5 tasks, SimCLR).
 
-    ``lr`` and ``weight_decay`` default to the SSL method's recipe; ``split_seed`` to the
+    ``optimizer``, ``lr`` and ``weight_decay`` default to the SSL method's recipe (LARS, except
+    MoCo v2+'s SGD); ``split_seed`` to the
     scenario's convention (5 for class-incremental, 42 for data-incremental).
     """
 
@@ -33,7 +34,7 @@ class TrainConfig:
     epochs: int = 4
     batch_size: int = 64
     image_size: int = 32
-    optimizer: str = "lars"
+    optimizer: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
     warmup_epochs: int = 1
@@ -63,7 +64,7 @@ class TrainConfig:
             ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
         ]
         for name, allowed in choices:
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (name == "optimizer" and self.optimizer is None):
                 found.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.pretrained:
             if not self.pretrained.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(self.pretrained):

@@ -204,7 +204,7 @@ class ContinualRun:
         cfg = self.config
         steps = self._steps_per_epoch(task)
         total = steps * cfg.epochs
-        optimizer = build_optimizer(cfg.optimizer, self._trainable(learner), self.lr, self.weight_decay)
+        optimizer = build_optimizer(cfg.optimizer or self.recipe.optimizer, self._trainable(learner), self.lr, self.weight_decay)
         scheduler = build_scheduler(optimizer, total, steps * cfg.warmup_epochs)
         start = 0
         saved = ckpt.read_checkpoint(self.run_dir, task)
@@ -338,8 +338,13 @@ class ContinualRun:
         else:
             classes = [t.classes for t in self.scenario.tasks] if self.scenario.kind == "class" else None
             metrics = ContinualMetrics(num_tasks=len(self.scenario), task_classes=classes, meta=self._meta())
+        # A crash between writing task-K and metrics.json leaves a finished task without its row.
+        for task in range(len(metrics.rows), done):
+            model = timm.create_model(f"local-dir:{ckpt.task_dir(self.run_dir, task)}", pretrained=True)
+            metrics.add(task, **(self._evaluate(self._place(model).eval()) or {}), recovered=True)
+            metrics.save(self.run_dir)
         learner = self._learner_after(done - 1) if done else self._initial_learner()
-        if not done and metrics.random_init is None:
+        if metrics.random_init is None:
             scores = self._evaluate(self._new_backbone(random_init=True).eval())
             if scores is not None:
                 metrics.set_random_init(**scores)

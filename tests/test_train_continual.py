@@ -187,8 +187,17 @@ def test_pretrained_start_uses_the_strategy_from_task_zero(tmp_path):
 
 
 def test_domain_sequence_one_task_per_source(tmp_path):
-    run = ContinualRun(_config(tmp_path, scenario="domain", data=["digits", "digits"], num_tasks=2), progress=False)
-    assert [t.source for t in run.scenario.tasks] == ["digits", "digits"] and len(run.scenario.tasks) == 2
+    import numpy as np
+
+    gen = np.random.default_rng(0)
+    specs = []
+    for name in ("park", "street"):
+        arrays = {f"x_{split}": gen.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8) for split, n in (("train", 40), ("test", 12))}
+        arrays |= {f"y_{split}": np.arange(n) % 3 for split, n in (("train", 40), ("test", 12))}
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        specs.append(str(tmp_path / f"{name}.npz"))
+    run = ContinualRun(_config(tmp_path, scenario="domain", data=specs, num_tasks=2), progress=False)
+    assert [t.source for t in run.scenario.tasks] == ["park", "street"]
     run.run()
     metrics = (tmp_path / "run" / "metrics.json").read_text()
     assert '"linear_top1": null' in metrics and '"knn_per_task"' in metrics

@@ -1,0 +1,103 @@
+"""PNG plots of continual runs (timm_branch.evaluate.plots) from hand-made metrics, no training."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from timm_branch.evaluate import ContinualMetrics
+from timm_branch.evaluate.plots import DPI, plot_accuracy_curves, plot_accuracy_matrix
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# A[i][j]: accuracy on task j after training task i (as in test_evaluate_metrics).
+A = [
+    [0.50, 0.20, 0.10],
+    [0.40, 0.60, 0.25],
+    [0.30, 0.45, 0.70],
+]
+
+
+def make_metrics(rows: int = 3, linear: bool = True, knn: bool = True, strategy: str = "finetune") -> ContinualMetrics:
+    metrics = ContinualMetrics(num_tasks=3, task_classes=[[0, 1], [2, 3], [4, 5]], meta={"strategy": strategy})
+    for i in range(rows):
+        scores = {}
+        if knn:
+            scores.update(knn_top1=sum(A[i]) / 3 - 0.05, knn_per_task=[a * 0.9 for a in A[i]])
+        if linear:
+            scores.update(linear_top1=sum(A[i]) / 3, linear_per_task=A[i])
+        metrics.add(i, **scores)
+    return metrics
+
+
+def read_png(path):
+    """Check ``path`` is a complete, decodable PNG and return its pixels (H, W, channels)."""
+    from matplotlib.image import imread
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 10_000  # axes, text and colours, not a blank image
+    assert data[-12:-8] == b"\x00\x00\x00\x00" and data[-8:-4] == b"IEND"  # ends with the IEND chunk
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
+    assert pixels.std() > 0.05  # not one flat colour
+    return pixels
+
+
+def no_temporaries(folder) -> bool:
+    return not [p for p in os.listdir(folder) if p.endswith(".tmp")]
+
+
+def test_accuracy_curves_png(tmp_path):
+    runs = {"finetune": make_metrics(), "branch": make_metrics(strategy="branch")}
+    path = plot_accuracy_curves(runs, tmp_path / "plots" / "curves.png")
+    assert path == tmp_path / "plots" / "curves.png"
+    pixels = read_png(path)
+    assert pixels.shape[:2] == (round(4.2 * DPI), round(6.4 * DPI))
+    assert no_temporaries(path.parent)
+    reference = tmp_path / "reference"
+    reference.write_text("")  # an ordinary file: the umask's permissions, not mkstemp's 0600
+    assert path.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+def test_accuracy_matrix_png_and_overwrite(tmp_path):
+    path = tmp_path / "matrix.png"
+    path.write_bytes(b"old")
+    out = plot_accuracy_matrix(make_metrics(), path, title="finetune")
+    assert out == path
+    pixels = read_png(path)
+    height, width = pixels.shape[:2]
+    assert width > height > 400  # square heatmap plus a colour bar
+    assert no_temporaries(tmp_path)
+
+
+def test_runs_in_progress_and_without_linear_probe(tmp_path):
+    in_progress = make_metrics(rows=2)
+    knn_only = make_metrics(rows=3, linear=False)  # linear_probe: false in the run's config
+    # Curves: the in-progress run draws 2 points, the kNN-only run falls back to kNN.
+    read_png(plot_accuracy_curves({"a": in_progress, "b": knn_only}, tmp_path / "curves.png"))
+    # Matrix: grey rows for tasks to come; the kNN-only run draws its kNN matrix.
+    read_png(plot_accuracy_matrix(in_progress, tmp_path / "progress.png"))
+    read_png(plot_accuracy_matrix(knn_only, tmp_path / "knn.png", probe="linear"))
+
+
+def test_nothing_to_draw_raises_naming_the_probe(tmp_path):
+    empty = make_metrics(rows=0)
+    with pytest.raises(ValueError, match="linear"):
+        plot_accuracy_matrix(empty, tmp_path / "m.png")
+    no_per_task = ContinualMetrics(num_tasks=2)
+    no_per_task.add(0, linear_top1=0.5)  # top-1 only, no per-task accuracies
+    with pytest.raises(ValueError, match="knn accuracy matrix"):
+        plot_accuracy_matrix(no_per_task, tmp_path / "m.png", probe="knn")
+    with pytest.raises(ValueError, match="linear probe"):
+        plot_accuracy_curves({"empty": empty}, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="unknown probe"):
+        plot_accuracy_curves({"x": make_metrics()}, tmp_path / "c.png", probe="svm")
+    assert not (tmp_path / "m.png").exists() and not (tmp_path / "c.png").exists()
+
+
+def test_no_pyplot(tmp_path, monkeypatch):
+    # The plots draw on Figure + FigureCanvasAgg, never through pyplot's global figure registry.
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # any "import matplotlib.pyplot" fails
+    read_png(plot_accuracy_matrix(make_metrics(rows=1), tmp_path / "m.png"))

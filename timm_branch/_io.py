@@ -31,6 +31,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp creates the file 0600; give it the permissions of an ordinary new file.
+        os.chmod(tmp, 0o666 & ~_umask())
         write(Path(tmp))
         fsync_path(tmp)
         os.replace(tmp, path)
@@ -39,6 +41,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         raise
     fsync_path(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` would change global state)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,4 +1,7 @@
-"""The ``timm-branch`` command line: ``timm-branch train`` runs a continual SSL job.
+"""The ``timm-branch`` command line.
+
+- ``timm-branch train`` runs a continual SSL job;
+- ``timm-branch report RUN_DIR [RUN_DIR ...]`` compares runs (plots + a Markdown table).
 
 Every :class:`~timm_branch.train.config.TrainConfig` field is a flag (``--batch-size 128``);
 ``--config FILE.yaml`` reads a YAML file first, and flags given on the command line win.
@@ -57,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_config_flags(train)
+    from .evaluate import report
+
+    report.configure_parser(commands.add_parser(
+        "report", help="compare run folders: accuracy plots and a Markdown table of the final figures",
+        description=report.__doc__.splitlines()[0]))
     return parser
 
 
@@ -87,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "report":
+            from .evaluate import report
+
+            return report.run_command(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"timm-branch: error: {err}", file=sys.stderr)
         return 2

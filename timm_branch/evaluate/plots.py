@@ -66,24 +66,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _umask() -> int:
-    """The process umask, read without setting it (``os.umask`` would change global state)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def _save(figure: Figure, path: str | os.PathLike) -> Path:
-    def write(tmp: Path) -> None:
-        figure.savefig(tmp, format="png", dpi=DPI)
-        # The temporary file is created 0600; give the plot the permissions of an ordinary file.
-        os.chmod(tmp, 0o666 & ~_umask())
-
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
 
 
 def _progress(metrics: ContinualMetrics) -> str:
@@ -176,7 +160,7 @@ def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, pro
     colorbar.set_label("top-1 accuracy (%)")
 
     if T <= 30:
-        fontsize = max(5.0, min(10.0, 90.0 / T))
+        fontsize = max(5.0, min(10.0, 0.25 * 72.0 * (size - 2.0) / T))  # a quarter of a cell's width
         for i in range(R):
             for j in range(T):
                 value = grid[i][j]
@@ -187,7 +171,7 @@ def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, pro
         for i in range(R):
             ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6))
         for i in range(R, T):
-            ax.text((T - 1) / 2, i, "not trained yet", ha="center", va="center", fontsize=fontsize, color="dimgray")
+            ax.text((T - 1) / 2, i, "not trained yet", ha="center", va="center", fontsize=9, color="dimgray")
 
     ticks = list(range(T))
     step = max(1, math.ceil(T / 20))
@@ -212,6 +196,4 @@ def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, pro
 def _colormap():
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#e8e8e8")
-    return cmap
+    return colormaps["viridis"].with_extremes(bad="#e8e8e8")

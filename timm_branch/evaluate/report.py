@@ -65,7 +65,7 @@ def run_labels(metas: Sequence[Mapping], folders: Sequence[str | os.PathLike]) -
     labels = []
     for meta, folder in zip(metas, folders):
         strategy = meta.get("strategy")
-        labels.append([str(strategy) if strategy else Path(folder).name or str(folder)])
+        labels.append([str(strategy) if strategy else Path(folder).resolve().name or str(folder)])
     for key, branch_only, keyed in _DISTINGUISHING:
         concerned = [k for k, meta in enumerate(metas) if not branch_only or _uses_branches(meta)]
         values = {json.dumps(metas[k].get(key), sort_keys=True) for k in concerned}
@@ -78,11 +78,10 @@ def run_labels(metas: Sequence[Mapping], folders: Sequence[str | os.PathLike]) -
             labels[k].append(f"{key}={value}" if keyed else str(value))
     out = [" / ".join(parts) for parts in labels]
     # Still alike: add the folder name, then a counter.
-    for k, label in enumerate(out):
-        if out.count(label) > 1:
-            same = [m for m, other in enumerate(out) if other == label]
-            for m in same:
-                out[m] = f"{label} ({Path(folders[m]).resolve().name})"
+    base = list(out)
+    for k, label in enumerate(base):
+        if base.count(label) > 1:
+            out[k] = f"{label} ({Path(folders[k]).resolve().name})"
     seen: dict[str, int] = {}
     for k, label in enumerate(out):
         seen[label] = seen.get(label, 0) + 1

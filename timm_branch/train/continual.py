@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from ..branch import iter_branches
 from ..data import DataSource, EvalTransform, Scenario, TwoViewAugment, build_scenario, load_source
 from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
+from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
+from ..evaluate.report import CURVES_FILE
 from ..export import save_pretrained
 from ..ssl import SSLMethod, build_distiller, build_method, cosine_momentum, ema_update
 from ..surgery import add_branches, branch_parameters, merge_branches
@@ -356,9 +358,17 @@ class ContinualRun:
             scores = self._evaluate(learner.backbone) or {}
             metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
             metrics.save(self.run_dir)
+            self._plot(metrics)
             self._log_task(task, scores)
         final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
         return final
+
+    def _plot(self, metrics: ContinualMetrics) -> None:
+        """The run's accuracy curve and matrix as PNGs beside metrics.json (labelled data only)."""
+        probe = "linear" if metrics.has_matrix("linear") else "knn"
+        if metrics.has_matrix(probe):
+            plot_accuracy_curves({self.config.strategy: metrics}, self.run_dir / CURVES_FILE, probe=probe)
+            plot_accuracy_matrix(metrics, self.run_dir / "accuracy_matrix.png", probe=probe)
 
     def _meta(self) -> dict:
         return {"strategy": self.config.strategy, "method": self.config.method, "model": self.config.model,

@@ -297,9 +297,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             meta = yaml.safe_load(payload.get("content") or "")
         except yaml.YAMLError as err:
-            return self._json(400, {"error": f"Invalid YAML in model card metadata: {err}"})
+            message = f"Invalid YAML in model card metadata: {err}"
+            return self._json(400, {"error": message, "errors": [{"message": message}], "warnings": []})
         if meta is not None and not isinstance(meta, dict):
-            return self._json(400, {"error": "model card metadata must be a mapping"})
+            message = "model card metadata must be a mapping"
+            return self._json(400, {"error": message, "errors": [{"message": message}], "warnings": []})
         self._json(200, {"errors": [], "warnings": []})
 
     def _model_api(self, method: str, repo_id: str, rest: list[str], body: bytes, query: dict) -> None:

@@ -201,3 +201,10 @@ def test_domain_sequence_one_task_per_source(tmp_path):
     run.run()
     metrics = (tmp_path / "run" / "metrics.json").read_text()
     assert '"linear_top1": null' in metrics and '"knn_per_task"' in metrics
+
+
+def test_saved_configuration_is_resolved(tmp_path):
+    run = ContinualRun(_config(tmp_path, method="moco", batch_size=64))
+    resolved = run.resolved_config()
+    assert resolved.optimizer == "sgd" and resolved.lr == pytest.approx(0.3 * 64 / 256) and resolved.weight_decay == 1e-4
+    assert resolved.split_seed == 5

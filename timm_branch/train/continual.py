@@ -26,7 +26,7 @@ Reproducibility: every random draw of task ``t``, epoch ``e`` comes from seeds d
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -333,7 +333,7 @@ class ContinualRun:
             raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --output")
         from .._io import atomic_write_text
 
-        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(self.run_dir / "config.yaml", self.resolved_config().to_yaml())
         metrics_path = self.run_dir / "metrics.json"
         if resume and metrics_path.exists():
             metrics = ContinualMetrics.load(metrics_path)
@@ -362,6 +362,14 @@ class ContinualRun:
             self._log_task(task, scores)
         final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
         return final
+
+    def resolved_config(self) -> TrainConfig:
+        """The configuration with every recipe default filled in (what ``config.yaml`` records)."""
+        cfg = self.config
+        split_seed = cfg.split_seed if cfg.split_seed is not None or cfg.scenario == "domain" else {"class": 5, "data": 42}[cfg.scenario]
+        return dataclasses.replace(
+            cfg, lr=self.lr, weight_decay=self.weight_decay, optimizer=cfg.optimizer or self.recipe.optimizer, split_seed=split_seed,
+        )
 
     def _plot(self, metrics: ContinualMetrics) -> None:
         """The run's accuracy curve and matrix as PNGs beside metrics.json (labelled data only)."""

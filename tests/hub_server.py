@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 import threading
 import urllib.parse
@@ -76,9 +77,12 @@ class Fault:
     count: int
     path_contains: str | None = None
     method: str | None = None
+    repo_id: str | None = None
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and (self.path_contains is None or self.path_contains in path)
+    def matches(self, method: str, path: str, repo_id: str | None) -> bool:
+        return ((self.method is None or self.method == method)
+                and (self.path_contains is None or self.path_contains in path)
+                and (self.repo_id is None or self.repo_id == repo_id))
 
 
 def _git_blob_sha(data: bytes) -> str:
@@ -133,10 +137,13 @@ class HubServer:
 
     # -- test controls -----------------------------------------------------------------------
 
-    def fail(self, status: int, count: int = 1, path_contains: str | None = None, method: str | None = None) -> None:
-        """Answer the next ``count`` requests matching ``path_contains``/``method`` with ``status``."""
+    def fail(self, status: int, count: int = 1, path_contains: str | None = None, method: str | None = None,
+             repo_id: str | None = None) -> None:
+        """Answer the next ``count`` requests matching all of ``path_contains`` (a substring of the
+        path), ``method`` and ``repo_id`` (the repository a request is about, also for
+        ``/api/repos/create``) with the error ``status``."""
         with self.lock:
-            self.faults.append(Fault(status, count, path_contains, method))
+            self.faults.append(Fault(status, count, path_contains, method, repo_id))
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -148,10 +155,10 @@ class HubServer:
             commit = self.repos[repo_id].resolve(rev)
             return dict(commit.files) if commit else {}
 
-    def _take_fault(self, method: str, path: str) -> int | None:
+    def _take_fault(self, method: str, path: str, repo_id: str | None) -> int | None:
         with self.lock:
             for fault in self.faults:
-                if fault.count > 0 and fault.matches(method, path):
+                if fault.count > 0 and fault.matches(method, path, repo_id):
                     fault.count -= 1
                     return fault.status
         return None
@@ -177,6 +184,22 @@ _STATUS_TEXT = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+def _target_repo(parts: list[str], body: bytes) -> str | None:
+    """The repository a request is about (for fault matching)."""
+    if parts[:3] == ["api", "repos", "create"]:
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError:
+            return None
+        org, name = payload.get("organization"), payload.get("name")
+        return f"{org}/{name}" if org else name
+    if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        return f"{parts[2]}/{parts[3]}"
+    if len(parts) >= 3 and parts[2] == "resolve":
+        return f"{parts[0]}/{parts[1]}"
+    return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -242,11 +265,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.requests.append((method, path))
         body = self._body() if method == "POST" else b""
         head = method == "HEAD"
-        status = self.hub._take_fault(method, path)
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+        status = self.hub._take_fault(method, path, _target_repo(parts, body))
         if status is not None:
             self._error(status, _STATUS_TEXT.get(status, f"injected error {status}"), head=head)
             return
-        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
         try:
             if parts[:3] == ["api", "repos", "create"] and method == "POST":
                 return self._create(json.loads(body or b"{}"))
@@ -294,8 +317,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"url": self._repo_url(repo_id), "name": repo_id})
 
     def _validate_yaml(self, payload: dict) -> None:
+        content = payload.get("content") or ""
+        if content.startswith("---"):  # the client sends the whole README.md
+            match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", content, re.S)
+            content = match.group(1) if match else content
         try:
-            meta = yaml.safe_load(payload.get("content") or "")
+            meta = yaml.safe_load(content)
         except yaml.YAMLError as err:
             message = f"Invalid YAML in model card metadata: {err}"
             return self._json(400, {"error": message, "errors": [{"message": message}], "warnings": []})

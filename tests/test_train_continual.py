@@ -208,3 +208,10 @@ def test_saved_configuration_is_resolved(tmp_path):
     resolved = run.resolved_config()
     assert resolved.optimizer == "sgd" and resolved.lr == pytest.approx(0.3 * 64 / 256) and resolved.weight_decay == 1e-4
     assert resolved.split_seed == 5
+
+
+def test_bf16_autocast_and_channels_last_run(tmp_path):
+    final = ContinualRun(_config(tmp_path, precision="bf16", channels_last=True, num_tasks=2), progress=False).run()
+    weights = _weights(final.parent, 1)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert (final.parent / "accuracy_curves.png").stat().st_size > 1000

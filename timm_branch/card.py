@@ -314,8 +314,9 @@ def render_card(
     if rows:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-        lines += ["", "Accuracies are top-1 on the test data of all tasks (all classes) after the task, "
-                  "from the run's `metrics.json`; `–` means not recorded."]
+        if run is not None:
+            lines += ["", "Accuracies are top-1 on the test data of all tasks (all classes) after the task, "
+                      "from the run's `metrics.json`; `–` means not recorded."]
     else:
         lines.append("No merged branches recorded.")
     summary = ((run.metrics or {}).get("summary") or {}) if run else {}

@@ -58,8 +58,9 @@ are created with ``num_classes=0``. Images come from ``--data`` (a
 :func:`~timm_branch.data.load_source` spec, default ``digits``), its test split (``--split``;
 the train split when the source has none), restricted to ``--classes`` (one curve) or
 ``--old-classes`` / ``--new-classes`` (stability / plasticity). ``--run RUN_DIR --task K``
-instead takes the data, image size and task split of a ``timm-branch train`` run: old = tasks
-``0..K-1``, new = task ``K``. ``--num-images N`` keeps a random subset (seeded) of each set.
+instead takes the data, image size and task split of a ``timm-branch train`` run (its
+``config.yaml``; ``--data`` and ``--image-size`` override them): old = the images of tasks
+``0..K-1``, new = those of task ``K``. ``--num-images N`` keeps a random subset (seeded) of each set.
 ``--layers`` takes regular expressions on module names, ``--types`` the layer types. The
 evaluation transform is :class:`~timm_branch.data.EvalTransform` at ``--image-size`` (default:
 the run's, else 32). ``--output DIR`` writes ``cka.json`` (every curve: layers, types, mean,
@@ -373,8 +374,8 @@ def compare_models(
             conv, BN, activation and block), intersected. Only names that are modules of both
             models are compared; the others are listed in ``meta["skipped_layers"]``. Use
             :func:`select_layers` with patterns to choose by regular expression.
-        batch_size: images per minibatch (at most; the last one may be smaller, one of 3
-            images or fewer is dropped, as the estimator needs ``n > 3``).
+        batch_size: images per minibatch (at most: the last one may be smaller; a last
+            minibatch of 3 images or fewer is left out, as the estimator needs ``n > 3``).
         repeats: passes over the images, each in a new order from a ``torch.Generator`` seeded
             with ``seed``; the result holds their mean and std.
         seed: the shuffling seed (the global RNG is not used).
@@ -715,8 +716,8 @@ def _by_classes(split, classes: Sequence[int] | None, what: str) -> Tensor:
     return split.images[mask]
 
 
-def _images_from_run(args) -> tuple[Tensor, Tensor, int]:
-    """(old images, new images, image size) of task ``args.task`` of the run ``args.run``."""
+def _images_from_run(args) -> tuple[Tensor | None, Tensor, int, list[str]]:
+    """(old images, new images, image size, data specs) of task ``args.task`` of the run ``args.run``."""
     from ..data import build_scenario, load_source
     from ..train.config import TrainConfig
 
@@ -743,7 +744,7 @@ def _images_from_run(args) -> tuple[Tensor, Tensor, int]:
     old = None
     if args.task > 0:
         old = split.images[torch.cat([indices(t) for t in scenario.tasks[: args.task]]).sort().values]
-    return old, new, size
+    return old, new, size, specs
 
 
 def _print_summary(results: Mapping[str, CKAResult]) -> None:
@@ -782,12 +783,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     # images
     if args.run is not None:
-        old, new, size = _images_from_run(args)
+        old, new, size, data = _images_from_run(args)
         if args.stability is not None and old is None:
             _fail("--task 0 has no old tasks: the stability curve needs --task >= 1")
     else:
         size = args.image_size or 32
-        source = load_source(args.data or "digits", size)
+        data = [args.data or "digits"]
+        source = load_source(data[0], size)
         split = _split_of(source, args.split)
         if pair_mode:
             images = _by_classes(split, args.classes, "--classes")
@@ -844,7 +846,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     _print_summary(results)
     if args.output is not None:
-        meta = {"data": args.data, "run": None if args.run is None else str(args.run), "task": args.task,
+        meta = {"data": data, "run": None if args.run is None else str(args.run), "task": args.task,
                 "split": args.split, "image_size": size}
         json_path = save_results(results, Path(args.output) / "cka.json", meta)
         png_path = plot_cka(results, Path(args.output) / "cka.png", title=args.title)

@@ -240,6 +240,7 @@ class LayerCapture:
         self.records: dict[str, Any] = {}
         self._calls: dict[str, int] = {}
         self._handles: list = []
+        self.output: Any = None
 
     # -- hooks ---------------------------------------------------------------------------------
 

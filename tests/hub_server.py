@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import secrets
 import threading
@@ -434,3 +435,10 @@ def hub_server():
 def hub_url(hub_server):
     """The endpoint URL of the running loopback Hub (for ``HF_ENDPOINT``)."""
     return hub_server.url
+
+
+def client_env(hub_url: str, home, **extra: str) -> dict[str, str]:
+    """The environment of a client subprocess that talks to the loopback Hub at ``hub_url``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    return env

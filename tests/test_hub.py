@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_server import HubServer, hub_server, hub_url  # noqa: F401 - fixtures for other modules
+from hub_server import HubServer, client_env, hub_server, hub_url  # noqa: F401 - fixtures for other modules
 from test_card import fabricate_run, merged_test_resnet
 
 TOKEN = "hf_loopbackDummyToken4f7a9c2e1b"  # must never show up in files or logs
@@ -99,10 +99,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _env(hub_url: str, home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub_url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", **extra)
-    return env
+_env = client_env
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,15 @@
 """timm-branch: Branch-tuning (arXiv 2403.18266) for continual self-supervised learning of timm CNNs.
 
 The data flow: :func:`find_conv_bn_pairs` -> :func:`add_branches` -> train
-:func:`branch_parameters` -> :func:`merge_branches` -> :func:`save_pretrained`.
+:func:`branch_parameters` -> :func:`merge_branches` -> :func:`save_pretrained` / :func:`push_to_hub`.
+The continual trainer is :mod:`timm_branch.train` (``timm-branch train``).
 """
 from ._version import __version__
 from .branch import BRANCH_SHAPES, ConvBranch
 from .bn import BN_POLICIES
 from .export import save_pretrained
 from .history import branch_history
+from .hub import HubPushError, push_task_folder, push_to_hub
 from .pairs import ConvBNPair, PairingFallbackWarning, find_conv_bn_pairs
 from .surgery import (
     NoBatchNormError,
@@ -24,6 +26,7 @@ __all__ = [
     "BRANCH_SHAPES",
     "ConvBNPair",
     "ConvBranch",
+    "HubPushError",
     "NoBatchNormError",
     "PairingFallbackWarning",
     "add_branches",
@@ -33,5 +36,7 @@ __all__ = [
     "find_conv_bn_pairs",
     "load_branch_state_dict",
     "merge_branches",
+    "push_task_folder",
+    "push_to_hub",
     "save_pretrained",
 ]

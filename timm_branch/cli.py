@@ -1,7 +1,9 @@
 """The ``timm-branch`` command line.
 
 - ``timm-branch train`` runs a continual SSL job;
-- ``timm-branch report RUN_DIR [RUN_DIR ...]`` compares runs (plots + a Markdown table).
+- ``timm-branch report RUN_DIR [RUN_DIR ...]`` compares runs (plots + a Markdown table);
+- ``timm-branch cka A B --data digits`` compares two models layer by layer (CKA);
+- ``timm-branch push RUN_DIR/task-K --repo-id org/name`` pushes a finished task to the Hub.
 
 Every :class:`~timm_branch.train.config.TrainConfig` field is a flag (``--batch-size 128``);
 ``--config FILE.yaml`` reads a YAML file first, and flags given on the command line win.
@@ -34,6 +36,8 @@ _HELP = {
     "precision": "fp32 | bf16 (autocast)",
     "optimizer": "lars | sgd | adamw (default: the method's recipe)",
     "output": "run folder (task-K/ models, metrics.json, config.yaml)",
+    "push_to_hub": "org/name: push the merged model to the Hugging Face Hub (token from HF_TOKEN or the login cache)",
+    "push_when": "task (after every task) | end (the final model only)",
 }
 
 
@@ -60,11 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     _add_config_flags(train)
-    from .evaluate import report
+    from .evaluate import cka, report
 
     report.configure_parser(commands.add_parser(
         "report", help="compare run folders: accuracy plots and a Markdown table of the final figures",
         description=report.__doc__.splitlines()[0]))
+    cka.configure_parser(commands.add_parser(
+        "cka", help="layer-wise CKA between models: stability and plasticity curves",
+        description=cka.__doc__.splitlines()[0]))
+    push = commands.add_parser("push", help="push a finished task folder (RUN/task-K) to the Hugging Face Hub")
+    push.add_argument("task_dir", type=Path, help="a task folder written by timm-branch train (RUN/task-K)")
+    push.add_argument("--repo-id", required=True, help="org/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to commit to (default: main)")
+    push.add_argument("--commit-message")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--license", help="licence for the card when the base model names none")
     return parser
 
 
@@ -99,7 +114,21 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import report
 
             return report.run_command(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        if args.command == "cka":
+            from .evaluate import cka
+
+            return cka.run_command(args)
+        if args.command == "push":
+            from .hub import push_task_folder
+
+            url = push_task_folder(
+                args.task_dir, args.repo_id, private=args.private, revision=args.revision,
+                commit_message=args.commit_message, create_pr=args.create_pr, license=args.license,
+            )
+            print(f"pushed {args.task_dir} to {url}")
+            print(f'timm.create_model("hf-hub:{args.repo_id}", pretrained=True)')
+            return 0
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
         print(f"timm-branch: error: {err}", file=sys.stderr)
         return 2
     return 1

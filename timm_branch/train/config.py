@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import yaml
 STRATEGIES: tuple[str, ...] = ("finetune", "branch", "cassle", "cassle+branch", "joint")
 SCENARIOS: tuple[str, ...] = ("class", "data", "domain")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PUSH_WHEN: tuple[str, ...] = ("task", "end")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class TrainConfig:
     linear_probe: bool = True
     eval_batch_size: int = 256
     output: str = "runs/default"
+    push_to_hub: str | None = None
+    push_when: str = "task"
 
     def problems(self) -> list[str]:
         """Every problem with the configuration that can be seen without loading data."""
@@ -61,7 +65,7 @@ class TrainConfig:
         found = []
         choices = [
             ("strategy", STRATEGIES), ("scenario", SCENARIOS), ("method", METHODS), ("shape", BRANCH_SHAPES),
-            ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
+            ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("push_when", PUSH_WHEN),
         ]
         for name, allowed in choices:
             if getattr(self, name) not in allowed and not (name == "optimizer" and self.optimizer is None):
@@ -81,6 +85,8 @@ class TrainConfig:
             found.append(f"lr={self.lr} must be positive")
         if self.weight_decay is not None and self.weight_decay < 0:
             found.append(f"weight_decay={self.weight_decay} must not be negative")
+        if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
+            found.append(f"push_to_hub={self.push_to_hub!r} is not a Hub repository id of the form org/name")
         if not self.data:
             found.append("data is empty: give at least one source (e.g. digits, a folder, a .npz file)")
         if self.scenario == "domain" and len(self.data) < 2:

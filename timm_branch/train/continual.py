@@ -360,8 +360,19 @@ class ContinualRun:
             metrics.save(self.run_dir)
             self._plot(metrics)
             self._log_task(task, scores)
+            if cfg.push_to_hub and (cfg.push_when == "task" or task == len(self.scenario) - 1):
+                self._push(task)
         final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
         return final
+
+    def _push(self, task: int) -> None:
+        from ..hub import push_task_folder
+
+        url = push_task_folder(
+            ckpt.task_dir(self.run_dir, task), self.config.push_to_hub, run_dir=self.run_dir,
+            commit_message=f"timm-branch: task {task} ({self.config.strategy}, {self.config.method})",
+        )
+        log.info("task %d pushed: %s", task, url)
 
     def resolved_config(self) -> TrainConfig:
         """The configuration with every recipe default filled in (what ``config.yaml`` records)."""

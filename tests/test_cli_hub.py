@@ -26,6 +26,13 @@ def test_train_pushes_each_task_and_push_command_pushes_a_task_folder(tmp_path, 
     assert files["model.safetensors"] == (out / "task-1" / "model.safetensors").read_bytes()
     assert b"| 1 |" in files["README.md"]  # the card's history reached task 1
 
+    # another machine continues the lineage from the Hub
+    more = [*train[:train.index("--output")], "--output", str(tmp_path / "more"), "--num-tasks", "1",
+            "--pretrained", "hf-hub:org/lineage", "--strategy", "branch"]
+    result = subprocess.run(more, capture_output=True, text=True, env=_env(hub_server.url, tmp_path / "hf2"), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "more" / "task-0" / "model.safetensors").is_file()
+
     push = [sys.executable, "-m", "timm_branch", "push", str(out / "task-0"), "--repo-id", "org/first-task"]
     result = subprocess.run(push, capture_output=True, text=True, env=_env(hub_server.url, tmp_path / "hf"), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

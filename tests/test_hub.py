@@ -159,23 +159,21 @@ def test_push_then_plain_timm_loads_the_same_model(session):
     assert loaded["local_dir"] <= 1e-6, loaded
 
 
-def test_offline_load_from_the_cache(session, monkeypatch):
-    """With the server gone, HF_HUB_OFFLINE mode serves ``hf-hub:`` from the cache the loader filled.
-
-    Run in this process to save a subprocess: the two huggingface_hub settings that
-    ``HF_HUB_OFFLINE=1`` and ``HF_HOME`` set at import are patched instead.
-    """
-    import safetensors.torch
-    import timm
-    import torch
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(session["home"] / "hub"))
-    probe = safetensors.torch.load_file(session["work"] / "probe.safetensors")
-    model = timm.create_model("hf-hub:org/name", pretrained=True).eval()
-    with torch.no_grad():
-        assert float((model(probe["x"]) - probe["y"]).abs().max()) <= 1e-6
+def test_offline_load_from_the_cache(session):
+    """With the server gone, ``HF_HUB_OFFLINE=1`` serves ``hf-hub:`` from the cache the loader filled."""
+    script = textwrap.dedent(
+        """
+        import sys, safetensors.torch, timm, torch
+        probe = safetensors.torch.load_file(sys.argv[1])
+        model = timm.create_model("hf-hub:org/name", pretrained=True).eval()
+        with torch.no_grad():
+            sys.exit(0 if float((model(probe["x"]) - probe["y"]).abs().max()) <= 1e-6 else 3)
+        """
+    )
+    env = _env(f"http://127.0.0.1:{_free_port()}", session["home"], HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script, str(session["work"] / "probe.safetensors")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
 
 
 def test_second_push_makes_a_new_commit_with_a_regenerated_card(session):

@@ -215,3 +215,15 @@ def test_bf16_autocast_and_channels_last_run(tmp_path):
     weights = _weights(final.parent, 1)
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert (final.parent / "accuracy_curves.png").stat().st_size > 1000
+
+
+def test_online_linear_probe_trains_alongside_and_is_reported(tmp_path):
+    from timm_branch.evaluate import ContinualMetrics
+
+    final = ContinualRun(_config(tmp_path, online_probe=True, epochs=2), progress=False).run()
+    metrics = ContinualMetrics.load(final.parent)
+    online = [row.extra["online_top1"] for row in metrics.rows]
+    assert len(online) == 2 and all(0.0 <= a <= 1.0 for a in online)
+    assert online[-1] > 0.15  # ten digit classes: well above chance after training on labels
+    state = ckpt.read_task_state(final.parent, 1)
+    assert state["probe.weight"].shape == (10, timm.create_model("test_resnet", num_classes=0).num_features)

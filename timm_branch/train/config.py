@@ -48,6 +48,7 @@ class TrainConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     linear_probe: bool = True
+    online_probe: bool = False
     eval_batch_size: int = 256
     output: str = "runs/default"
     push_to_hub: str | None = None

@@ -35,6 +35,7 @@ from typing import Callable
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,6 +53,9 @@ from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("timm_branch.train")
 
+ONLINE_PROBE_LR = 0.1
+"""Learning rate of the online linear probe (solo-learn's ``classifier_lr``), SGD momentum from the optimiser."""
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the task stopped and the last checkpoint is kept."""
@@ -67,10 +71,16 @@ class Learner:
     teacher: nn.Module | None = None
     teacher_method: SSLMethod | None = None
     distiller: nn.Module | None = None
+    probe: nn.Linear | None = None
 
     def trained(self) -> dict[str, nn.Module | None]:
         """The modules whose state a checkpoint keeps (the teacher is rebuilt from the last task)."""
-        return {"backbone": self.backbone, "method": self.method, "momentum": self.momentum, "distiller": self.distiller}
+        return {"backbone": self.backbone, "method": self.method, "momentum": self.momentum, "distiller": self.distiller,
+                "probe": self.probe}
+
+    def kept(self) -> dict[str, nn.Module | None]:
+        """The modules a finished task keeps beside the merged backbone."""
+        return {"method": self.method, "momentum": self.momentum, "probe": self.probe}
 
 
 def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -100,6 +110,10 @@ class ContinualRun:
         self.scenario: Scenario = build_scenario(config.scenario, source, None if config.scenario == "domain" else config.num_tasks, config.split_seed)
         self._check_data()
         self.images = self.scenario.source.train.images.to(self.device)
+        train_labels = self.scenario.source.train.labels
+        if config.online_probe and train_labels is None:
+            raise ValueError("online_probe needs labelled training data; the data source has no labels")
+        self.labels = train_labels.to(self.device) if config.online_probe else None
         recipe_method = build_method(config.method, 8)  # only for its recipe
         self.recipe = recipe_method.recipe
         r = self.recipe
@@ -150,7 +164,10 @@ class ContinualRun:
         torch.manual_seed(_seed(self.config, -1, -1))
         method = self._place(build_method(self.config.method, backbone.num_features))
         momentum = copy.deepcopy(backbone) if method.uses_momentum else None
-        return Learner(backbone, method, momentum)
+        probe = None
+        if self.config.online_probe:
+            probe = self._place(nn.Linear(backbone.num_features, self.scenario.source.num_classes))
+        return Learner(backbone, method, momentum, probe=probe)
 
     def _learner_after(self, task: int) -> Learner:
         """The learner as it was when ``task`` finished, read back from ``task-K``."""
@@ -159,7 +176,7 @@ class ContinualRun:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
         learner.backbone.load_state_dict(model.state_dict(), strict=True)
         tensors = ckpt.read_task_state(self.run_dir, task)
-        ckpt.load_module_tensors(tensors, {"method": learner.method, "momentum": learner.momentum}, folder)
+        ckpt.load_module_tensors(tensors, learner.kept(), folder)
         return learner
 
     def _uses_branches(self, task: int) -> bool:
@@ -207,6 +224,9 @@ class ContinualRun:
         steps = self._steps_per_epoch(task)
         total = steps * cfg.epochs
         optimizer = build_optimizer(cfg.optimizer or self.recipe.optimizer, self._trainable(learner), self.lr, self.weight_decay)
+        if learner.probe is not None:
+            # solo-learn's online classifier: its own learning rate, no weight decay, no LARS scaling.
+            optimizer.add_param_group(dict(params=list(learner.probe.parameters()), lr=ONLINE_PROBE_LR, weight_decay=0.0, lars_exclude=True))
         scheduler = build_scheduler(optimizer, total, steps * cfg.warmup_epochs)
         start = 0
         saved = ckpt.read_checkpoint(self.run_dir, task)
@@ -226,15 +246,17 @@ class ContinualRun:
             learner.method.train()
             if learner.momentum is not None:
                 learner.momentum.train()
-            if learner.distiller is not None:
-                learner.distiller.train()
+            for extra in (learner.distiller, learner.probe):
+                if extra is not None:
+                    extra.train()
             learner.method.on_epoch_start(epoch)
             order = indices[torch.randperm(len(indices), generator=gen, device=self.device)]
             bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
             started = time.perf_counter()
             for step in bar:
-                batch = self.images[order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
-                loss = self._step(learner, batch, gen, optimizer, scheduler, epoch * steps + step, total)
+                chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                labels = None if self.labels is None else self.labels[chosen]
+                loss = self._step(learner, self.images[chosen], labels, gen, optimizer, scheduler, epoch * steps + step, total)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"task {task}, epoch {epoch + 1}, step {step + 1}: the loss is {loss.item()}; the task stopped, "
@@ -248,7 +270,8 @@ class ContinualRun:
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
             )
 
-    def _step(self, learner: Learner, batch: torch.Tensor, gen: torch.Generator, optimizer, scheduler, step: int, total: int) -> torch.Tensor:
+    def _step(self, learner: Learner, batch: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
+              optimizer, scheduler, step: int, total: int) -> torch.Tensor:
         cfg = self.config
         views = self.augment(batch, gen)
         if cfg.channels_last:
@@ -266,6 +289,9 @@ class ContinualRun:
                 with torch.no_grad():
                     z_frozen = learner.teacher_method.project([features(learner.teacher, v) for v in views])
                 loss = loss + cfg.distill_weight * learner.distiller(out.z, z_frozen, learner.method, learner.teacher_method)
+            if learner.probe is not None:
+                # Detached features: the probe reads the representation without shaping it.
+                loss = loss + F.cross_entropy(learner.probe(feats[0].detach()), labels)
         if not torch.isfinite(loss):
             return loss.detach()
         optimizer.zero_grad(set_to_none=True)
@@ -284,7 +310,7 @@ class ContinualRun:
             if net is not None and next(iter_branches(net), None) is not None:
                 merge_branches(net)
         learner.backbone.eval()
-        trainer_tensors = ckpt.module_tensors({"method": learner.method, "momentum": learner.momentum})
+        trainer_tensors = ckpt.module_tensors(learner.kept())
         info = {"task": task, "strategy": self.config.strategy, "method": self.config.method,
                 "branches": self._uses_branches(task), "cassle": self._uses_cassle(task)}
         ckpt.write_task(self.run_dir, task, lambda folder: save_pretrained(learner.backbone, folder), trainer_tensors, info)
@@ -292,8 +318,9 @@ class ContinualRun:
 
     # -- evaluation ----------------------------------------------------------------------------------
 
-    def _evaluate(self, backbone: nn.Module) -> dict | None:
-        """kNN and linear-probe top-1 on all classes and per task; ``None`` for unlabeled data."""
+    def _evaluate(self, backbone: nn.Module, online_probe: nn.Linear | None = None) -> dict | None:
+        """kNN and linear-probe top-1 on all classes and per task (and the online probe's top-1);
+        ``None`` for unlabeled data."""
         source = self.scenario.source
         if source.train.labels is None or source.test is None or source.test.labels is None:
             return None
@@ -320,6 +347,10 @@ class ContinualRun:
             probe = linear_probe(train_f, train_y, test_f, test_y, num_classes)
             result["linear_top1"] = probe.accuracy
             result["linear_per_task"] = per_task_accuracy(probe.predictions, test_y, task_classes=classes, task_masks=masks)
+        if online_probe is not None:
+            with torch.no_grad():
+                online = online_probe.eval()(test_f.to(self.device)).argmax(1).cpu()
+            result["online_top1"] = top1_accuracy(online, test_y)
         return result
 
     # -- the run ----------------------------------------------------------------------------------
@@ -355,7 +386,7 @@ class ContinualRun:
             self._prepare_task(learner, task)
             self._train_task(learner, task)
             self._finish_task(learner, task)
-            scores = self._evaluate(learner.backbone) or {}
+            scores = self._evaluate(learner.backbone, learner.probe) or {}
             metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
             metrics.save(self.run_dir)
             self._plot(metrics)

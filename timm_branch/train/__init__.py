@@ -1,1 +1,9 @@
-"""Training: optimisers, one task's loop, the continual task sequence and its strategies, checkpoints."""
+"""Training: optimisers, the continual task sequence and its strategies, checkpoints.
+
+    from timm_branch.train import ContinualRun, TrainConfig
+    final = ContinualRun(TrainConfig(method="byol", strategy="cassle+branch", output="runs/byol")).run()
+"""
+from .config import TrainConfig
+from .continual import ContinualRun, NonFiniteLossError
+
+__all__ = ["ContinualRun", "NonFiniteLossError", "TrainConfig"]

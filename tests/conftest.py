@@ -30,3 +30,16 @@ def resnet18() -> nn.Module:
 @pytest.fixture
 def image() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the duration of a test, then the previous setting.
+
+    For modules of many tiny models: one thread is about as fast as two, and on a busy 2-core
+    machine two OpenMP threads spin-wait for each other (xception41p: 4 s alone, 146 s loaded).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -53,18 +53,7 @@ ADD_TOL = 1e-12
 MERGE_TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run this module on one intra-op thread, then restore the setting.
-
-    The models are small and the batches tiny, so one thread is about as fast as two; and on a busy
-    machine two OpenMP threads spin-wait for each other (xception41p: 4 s alone, 146 s on a loaded
-    2-core machine, 4 s again on one thread).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

@@ -34,14 +34,7 @@ from timm_branch.evaluate.cka import _u_center
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: on a shared 2-core machine one intra-op thread is faster (no
-    OpenMP spinning against other processes). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape, seed=0):

@@ -11,14 +11,7 @@ from _helpers import randomise_batchnorm
 from timm_branch.evaluate.hooks import LayerCapture, base_name, is_activation, layer_type, layer_types, select_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: on a shared 2-core machine one intra-op thread is faster (no
-    OpenMP spinning against other processes). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _timm(name: str, **kwargs) -> nn.Module:

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from _helpers import max_rel_err, randomise_batchnorm
+from _helpers import max_rel_err, randomise_batchnorm  # noqa: F401 - max_rel_err is shared with the tests
 from _helpers import perturb_branches as _perturb
 
 

@@ -41,8 +41,6 @@ def test_train_pushes_each_task_and_push_command_pushes_a_task_folder(tmp_path, 
 
 
 def test_push_command_reports_an_unauthorised_token(tmp_path, hub_server):  # noqa: F811
-    from timm_branch import merge_branches  # noqa: F401 - the package must import before the subprocess runs
-
     folder = tmp_path / "task-0"
     make = "import timm, timm_branch; timm_branch.save_pretrained(timm.create_model('test_resnet', num_classes=0), %r)" % str(folder)
     subprocess.run([sys.executable, "-c", make], check=True, timeout=300)

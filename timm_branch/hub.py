@@ -198,6 +198,12 @@ def _check_card(card: str) -> None:
         log.warning("the model card has no valid YAML front matter (%s); the Hub will show no metadata", err)
 
 
+def _run_plot(run_dir: str | os.PathLike | None) -> Path | None:
+    """The run's accuracy plot, if the run folder has one."""
+    plot = Path(run_dir) / PLOT_FILE if run_dir is not None else None
+    return plot if plot is not None and plot.is_file() else None
+
+
 def push_to_hub(
     model: nn.Module,
     repo_id: str,
@@ -245,8 +251,7 @@ def push_to_hub(
             "so that the pushed weights are a stock timm model")
     if not _REPO_ID.match(repo_id or ""):
         raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
-    plot = Path(run_dir) / PLOT_FILE if run_dir is not None else None
-    plot = plot if plot is not None and plot.is_file() else None
+    plot = _run_plot(run_dir)
     if model_card is None:
         model_card = render_model_card(model, run_dir=run_dir, license=license, datasets=datasets, repo_id=repo_id,
                                        plot_name=PLOT_FILE if plot else None)
@@ -294,8 +299,7 @@ def push_task_folder(
     if run_dir is None and folder.name.startswith("task-") and any(
             (folder.parent / name).is_file() for name in ("config.yaml", "metrics.json")):
         run_dir = folder.parent
-    plot = Path(run_dir) / PLOT_FILE if run_dir is not None else None
-    plot = plot if plot is not None and plot.is_file() else None
+    plot = _run_plot(run_dir)
     if model_card is None:
         model_card = render_folder_card(folder, run_dir, license=license, datasets=datasets, repo_id=repo_id,
                                         plot_name=PLOT_FILE if plot else None)

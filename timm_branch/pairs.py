@@ -27,6 +27,7 @@ concatenations or leaf boundaries, so it may leave a conv without a branch, neve
 """
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from dataclasses import dataclass
@@ -190,6 +191,7 @@ _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
 
 
+@functools.cache
 def _pass_modules() -> tuple[type, ...]:
     from timm.layers import AvgPool2dSame, DropBlock2d, DropPath
 

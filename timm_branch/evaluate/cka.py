@@ -829,18 +829,14 @@ def run_command(args: argparse.Namespace) -> int:
             results["cka"] = compare_models(a, b, images, transform, layers=layers_for(a, b), **kwargs)
             results["cka"].meta.update(model_a=args.models[0], model_b=args.models[1])
         else:
-            if args.stability is not None:
-                prev, cur = (model(s) for s in args.stability)
-                imgs = _subset(old, args.num_images, args.seed)
-                results["stability"] = compare_models(prev, cur, imgs, transform, layers=layers_for(prev, cur), **kwargs)
-                results["stability"].meta.update(model_a=args.stability[0], model_b=args.stability[1],
-                                                 images="old-task")
-            if args.plasticity is not None:
-                cur, joint = (model(s) for s in args.plasticity)
-                imgs = _subset(new, args.num_images, args.seed)
-                results["plasticity"] = compare_models(cur, joint, imgs, transform, layers=layers_for(cur, joint), **kwargs)
-                results["plasticity"].meta.update(model_a=args.plasticity[0], model_b=args.plasticity[1],
-                                                  images="new-task")
+            curves = (("stability", args.stability, old, "old-task"), ("plasticity", args.plasticity, new, "new-task"))
+            for key, specs, pool, images_name in curves:
+                if specs is None:
+                    continue
+                a, b = (model(spec) for spec in specs)
+                imgs = _subset(pool, args.num_images, args.seed)
+                results[key] = compare_models(a, b, imgs, transform, layers=layers_for(a, b), **kwargs)
+                results[key].meta.update(model_a=specs[0], model_b=specs[1], images=images_name)
     except ValueError as err:
         _fail(str(err))
 

@@ -21,21 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._labels import check_labels
+
 __all__ = ["knn_predict", "knn_accuracy"]
 
 #: Default bound on the elements of one (test chunk x train) similarity block: 2**22 float32
 #: values = 16 MiB.
 MAX_SIMILARITY_ELEMENTS = 2**22
-
-
-def _check_labels(labels: Tensor, n: int, num_classes: int, what: str) -> Tensor:
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{what} must have shape ({n},), got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{what} must be an integer tensor, got {labels.dtype}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{what} must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
-    return labels.long()
 
 
 @torch.no_grad()
@@ -80,7 +72,7 @@ def knn_predict(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     device = train_feats.device
-    labels = _check_labels(train_labels, n_train, num_classes, "train_labels").to(device)
+    labels = check_labels(train_labels, n_train, num_classes, "train_labels").to(device)
     if chunk_size is None:
         chunk_size = max(1, MAX_SIMILARITY_ELEMENTS // n_train)
     elif chunk_size < 1:
@@ -114,6 +106,6 @@ def knn_accuracy(
     """
     if test_feats.shape[0] == 0:
         raise ValueError("kNN accuracy needs at least one test sample")
-    labels = _check_labels(test_labels, test_feats.shape[0], num_classes, "test_labels")
+    labels = check_labels(test_labels, test_feats.shape[0], num_classes, "test_labels")
     scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature, chunk_size)
     return (scores.argmax(dim=1).cpu() == labels.cpu()).float().mean().item()

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._labels import check_labels
+
 __all__ = ["LinearProbeResult", "linear_probe"]
 
 
@@ -55,16 +57,6 @@ class LinearProbeResult:
     train_accuracy: float
     loss: float
     n_iter: int
-
-
-def _labels(labels: Tensor, n: int, num_classes: int, what: str) -> Tensor:
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{what} must have shape ({n},), got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{what} must be an integer tensor, got {labels.dtype}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{what} must lie in [0, {num_classes})")
-    return labels.long()
 
 
 def linear_probe(
@@ -106,8 +98,8 @@ def linear_probe(
     if l2 < 0 or max_iter < 1:
         raise ValueError(f"need l2 >= 0 and max_iter >= 1, got l2={l2}, max_iter={max_iter}")
     device = train_feats.device if device is None else torch.device(device)
-    y_train = _labels(train_labels, train_feats.shape[0], num_classes, "train_labels").to(device)
-    y_test = _labels(test_labels, test_feats.shape[0], num_classes, "test_labels").to(device)
+    y_train = check_labels(train_labels, train_feats.shape[0], num_classes, "train_labels").to(device)
+    y_test = check_labels(test_labels, test_feats.shape[0], num_classes, "test_labels").to(device)
 
     x_train = train_feats.to(device=device, dtype=torch.float32)
     mean = x_train.mean(dim=0)

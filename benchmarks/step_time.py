@@ -6,7 +6,9 @@ Variants (all on the same model weights and the same batch, the same loss and op
   mode), SGD over all parameters.
 - ``branch-<shape>`` for ``shape`` in ``1x1``, ``cross``, ``full``: ``timm_branch.add_branches(model,
   shape=shape)`` (default ``bn="frozen"``), ``model.train()``, SGD over ``branch_parameters(model)``.
-  One convolution per layer: the branch is a parametrization of the conv weight, ``W + delta``.
+  One convolution per layer: the branch is a parametrization of the conv weight, ``W + delta``,
+  and its backward computes the input gradient and the weight gradient of the branch taps only
+  (``timm_branch.branch_conv.BranchedConv``), never the frozen kernel's full weight gradient.
 - ``naive-<shape>``: the reference the literature uses (ACNet-style parallel branch convs):
   every conv that ``timm_branch.find_conv_bn_pairs`` pairs is wrapped so that
   ``output = conv(x) + sum(branch_conv(x))`` with extra, bias-free, zero-initialised ``nn.Conv2d``
@@ -54,7 +56,8 @@ Run (from the repository root)::
     python benchmarks/step_time.py --variants fine-tune,branch-cross,naive-cross --steps 50
     python benchmarks/step_time.py --smoke              # a few-step check that everything runs
 
-Target (issue "Benchmark"): every ``branch-<shape>`` step time <= 1.05 x the fine-tune step.
+Targets (GPU speed issue): ``branch-1x1`` <= 0.80, ``branch-cross`` <= 0.90, ``branch-full`` <= 1.00
+times the fine-tune step, and never slower than ``naive-<shape>`` where both are measured.
 """
 from __future__ import annotations
 
@@ -80,7 +83,8 @@ from torch import nn
 SHAPES = ("1x1", "cross", "full")
 BASELINE = "fine-tune"
 ALL_VARIANTS = (BASELINE, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
-TARGET_RATIO = 1.05
+TARGETS = {"1x1": 0.80, "cross": 0.90, "full": 1.00}
+"""Step time of ``branch-<shape>`` over fine-tuning that the GPU speed issue asks for."""
 _MEMORY_MARKER = "MEMORY_RESULT "
 
 
@@ -434,8 +438,10 @@ def build_rows(variants, times, memory, n_params) -> list[dict]:
             "mem_mib": memory[v]["peak_mib"] if memory else None,
             "mem_ratio": (memory[v]["peak_mib"] / base_m) if memory and base_m and base_m > 0 else None,
         }
-        row["target"] = ("ok" if row["time_ratio"] <= TARGET_RATIO else "OVER") if v.startswith("branch-") else ""
         rows.append(row)
+    medians = {r["variant"]: r["median_ms"] for r in rows}
+    for row in rows:
+        row["target"] = _target(row, medians)
     return rows
 
 
@@ -447,7 +453,7 @@ def print_text(rows: list[dict], info: dict[str, str], setup: str, memory_method
     print(f"\n{setup}")
     print(f"{info['cpu']}; {info['cores']}; {info['versions']}")
     print(f"peak memory: {memory_method}\n")
-    header = f"{'variant':<13} {'trainable':>11} {'median ms':>10} {'IQR ms':>17} {'time x':>7} {'peak MiB':>9} {'mem x':>6}  target<={TARGET_RATIO}"
+    header = f"{'variant':<13} {'trainable':>11} {'median ms':>10} {'IQR ms':>17} {'time x':>7} {'peak MiB':>9} {'mem x':>6}  target"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -460,30 +466,42 @@ def print_text(rows: list[dict], info: dict[str, str], setup: str, memory_method
     print(_verdict(rows))
 
 
+def _target(row: dict, medians: dict[str, float]) -> str:
+    """``ok`` / ``OVER`` for a branch variant against its shape's target and its naive twin."""
+    if not row["variant"].startswith("branch-"):
+        return ""
+    shape = row["variant"].removeprefix("branch-")
+    naive = medians.get(f"naive-{shape}")
+    met = row["time_ratio"] <= TARGETS[shape] and (naive is None or row["median_ms"] <= naive)
+    return f"{'ok' if met else 'OVER'} (<= {TARGETS[shape]:.2f}x{', <= naive' if naive is not None else ''})"
+
+
 def _verdict(rows: list[dict]) -> str:
     branch = [r for r in rows if r["variant"].startswith("branch-")]
     if not branch:
         return "no branch-* variant measured"
-    over = [f"{r['variant']} ({r['time_ratio']:.3f}x)" for r in branch if r["time_ratio"] > TARGET_RATIO]
+    over = [f"{r['variant']} ({r['time_ratio']:.3f}x)" for r in branch if r["target"].startswith("OVER")]
+    met = [r["variant"] for r in branch if r["target"].startswith("ok")]
+    parts = [f"targets met for: {', '.join(met)}"] if met else []
     if over:
-        return f"target (branch step <= {TARGET_RATIO}x fine-tune) NOT met for: {', '.join(over)}"
-    return f"target (branch step <= {TARGET_RATIO}x fine-tune) met for: {', '.join(r['variant'] for r in branch)}"
+        parts.append(f"NOT met for: {', '.join(over)}")
+    return "; ".join(parts)
 
 
 def print_markdown(rows: list[dict], info: dict[str, str], setup: str, memory_method: str) -> None:
-    print("\n## CPU step time (issue 2)\n")
+    print("\n## CPU step time, tap-only backward\n")
     print(f"- Machine: {info['cpu']}, {info['cores']}")
     print(f"- Software: {info['versions']}")
     print(f"- Date: {info['date']}")
     print(f"- Command: `{info['command']}`")
     print(f"- Setup: {setup}")
     print(f"- Peak memory: {memory_method}\n")
-    print("| variant | trainable params | step time, median (ms) | IQR (ms) | time vs fine-tune | peak RSS increase (MiB) | memory vs fine-tune |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | trainable params | step time, median (ms) | IQR (ms) | time vs fine-tune | peak RSS increase (MiB) | memory vs fine-tune | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(
             f"| {r['variant']} | {r['params']:,} | {r['median_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
-            f"{r['time_ratio']:.3f}x | {_fmt(r['mem_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.2f', '-')}{'x' if r['mem_ratio'] is not None else ''} |"
+            f"{r['time_ratio']:.3f}x | {_fmt(r['mem_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.2f', '-')}{'x' if r['mem_ratio'] is not None else ''} | {r['target']} |"
         )
     print(f"\n{_verdict(rows)}.")
 

@@ -25,8 +25,12 @@ import math
 from typing import Iterator, Literal
 
 import torch
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same
 from torch import nn
 from torch.nn.utils import parametrize
+
+from .branch_conv import BranchedConv, ConvGeometry, symmetric_padding, tap_boxes
 
 BranchShape = Literal["1x1", "cross", "full"]
 BRANCH_SHAPES: tuple[str, ...] = ("1x1", "cross", "full")
@@ -87,6 +91,8 @@ class ConvBranch(nn.Module):
         self._grid = (*_lead_shape(weight, self.kernel_size), kernel_numel)
         n_taps = kernel_numel if taps is None else len(taps)
         self.register_buffer("taps", taps, persistent=False)
+        # The tap-only backward's boxes; none when the branch has every tap (a 1x1 kernel, "full").
+        self.boxes, self.runs = (None, None) if n_taps == kernel_numel else tap_boxes(self.kernel_size, taps)
         self.branch = nn.Parameter(weight.new_zeros(*self._grid[:-1], n_taps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -126,9 +132,40 @@ def attach_branch(conv: nn.Module, shape: str = "cross") -> ConvBranch:
     branch = ConvBranch(conv.weight, _kernel_size(conv), shape)
     # Registration moves ``weight`` out of ``_parameters``; merging puts it back at this position.
     branch.parameter_order = list(conv._parameters)
+    plain = _runs_plain_conv(conv)
     # unsafe=True skips a trial forward: ConvBranch keeps shape and dtype by construction.
     parametrize.register_parametrization(conv, "weight", branch, unsafe=True)
+    if plain:
+        # The class parametrize just made is this conv's own (and its deep copies').
+        type(conv).forward = _branched_forward
     return branch
+
+
+def _runs_plain_conv(conv: nn.Module) -> bool:
+    """Whether ``conv``'s forward is ``F.convNd(x, weight, bias, ...)`` with zero padding, which
+    :class:`~timm_branch.branch_conv.BranchedConv` reproduces exactly (timm's ``Conv2dSame`` too)."""
+    cls = type(conv)
+    if cls.forward is Conv2dSame.forward:
+        return True
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if isinstance(conv, base) and cls.forward is base.forward and cls._conv_forward is base._conv_forward:
+            return conv.padding_mode == "zeros" and symmetric_padding(conv.padding, conv.kernel_size, conv.dilation) is not None
+    return False
+
+
+def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a branched plain conv: :class:`BranchedConv` while the branch alone trains
+    (its backward skips the frozen kernel's weight gradient), else the parametrized forward."""
+    weights = self.parametrizations["weight"]
+    branch = weights[0]
+    if not (torch.is_grad_enabled() and branch.branch.requires_grad and not weights.original.requires_grad
+            and len(weights) == 1 and len(self.parametrizations) == 1):
+        return super(type(self), self).forward(x)
+    padding = symmetric_padding(self.padding, self.kernel_size, self.dilation)
+    if isinstance(self, Conv2dSame):
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+    geometry = ConvGeometry(tuple(self.stride), padding, tuple(self.dilation), self.groups)
+    return BranchedConv.apply(x, weights.original, branch.branch, self.bias, branch, geometry, branch.boxes, branch.runs)
 
 
 def get_branch(conv: nn.Module) -> ConvBranch | None:

@@ -18,7 +18,7 @@ Repositories live in memory: every commit gets a random 40-hex sha and a full sn
 files; branches (``main``, ``refs/pr/N``, others) point at commits, and a revision may be a
 branch or a commit sha. Writes need an ``Authorization: Bearer`` header; with ``valid_tokens``
 set, other tokens get 401. ``fail(status, count, path_contains, method)`` makes the next
-matching requests fail (fault injection). Tokens are never logged; ``requests`` records method
+matching requests fail, ``stall(seconds, ...)`` makes them hang unanswered (fault injection). Tokens are never logged; ``requests`` records method
 and path only.
 
 Use the ``hub_server`` fixture (import it into a test module) or ``HubServer()`` as a context
@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -79,6 +80,7 @@ class Fault:
     path_contains: str | None = None
     method: str | None = None
     repo_id: str | None = None
+    stall: float = 0.0  # > 0: hold the request this long without an answer, then drop the connection
 
     def matches(self, method: str, path: str, repo_id: str | None) -> bool:
         return ((self.method is None or self.method == method)
@@ -146,6 +148,13 @@ class HubServer:
         with self.lock:
             self.faults.append(Fault(status, count, path_contains, method, repo_id))
 
+    def stall(self, seconds: float, count: int = 1, path_contains: str | None = None, method: str | None = None,
+              repo_id: str | None = None) -> None:
+        """Leave the next ``count`` matching requests (as for :meth:`fail`) unanswered for ``seconds``,
+        then drop the connection: a Hub that accepts a request and hangs."""
+        with self.lock:
+            self.faults.append(Fault(0, count, path_contains, method, repo_id, stall=seconds))
+
     def clear_faults(self) -> None:
         with self.lock:
             self.faults.clear()
@@ -156,12 +165,12 @@ class HubServer:
             commit = self.repos[repo_id].resolve(rev)
             return dict(commit.files) if commit else {}
 
-    def _take_fault(self, method: str, path: str, repo_id: str | None) -> int | None:
+    def _take_fault(self, method: str, path: str, repo_id: str | None) -> Fault | None:
         with self.lock:
             for fault in self.faults:
                 if fault.count > 0 and fault.matches(method, path, repo_id):
                     fault.count -= 1
-                    return fault.status
+                    return fault
         return None
 
     def commit(self, repo: Repo, branch: str, files: dict[str, bytes], deleted: list[str], message: str) -> Commit:
@@ -267,9 +276,13 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body() if method == "POST" else b""
         head = method == "HEAD"
         parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
-        status = self.hub._take_fault(method, path, _target_repo(parts, body))
-        if status is not None:
-            self._error(status, _STATUS_TEXT.get(status, f"injected error {status}"), head=head)
+        fault = self.hub._take_fault(method, path, _target_repo(parts, body))
+        if fault is not None and fault.stall:
+            time.sleep(fault.stall)
+            self.close_connection = True
+            return
+        if fault is not None:
+            self._error(fault.status, _STATUS_TEXT.get(fault.status, f"injected error {fault.status}"), head=head)
             return
         try:
             if parts[:3] == ["api", "repos", "create"] and method == "POST":

@@ -315,6 +315,19 @@ def test_two_views_have_asymmetric_solarisation():
     assert TwoViewAugment(4, blur_p=(1.0, 0.1)).view2.blur_p == 0.1
 
 
+def test_rows_augment_a_slice_with_the_whole_batch_draws():
+    """A data-parallel rank's part: the slice of the one-process views, the generator left alike."""
+    images = rand_images(12, 10, 10)
+    aug = TwoViewAugment(8, blur_p=0.5, solarize_p=(0.0, 0.5))
+    g_all, g_part = gen(5), gen(5)
+    whole = aug(images, g_all)
+    part = aug(images, g_part, rows=slice(4, 8))
+    for w, p in zip(whole, part):
+        assert p.shape == (4, 3, 8, 8)
+        assert torch.equal(p, w[4:8])
+    assert torch.equal(torch.rand(3, generator=g_all), torch.rand(3, generator=g_part))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; the CPU tests run the same code")
 def test_cuda_matches_cpu():
     images = rand_images(64, 10, 10)

@@ -31,6 +31,8 @@ _HELP = {
     "shape": "branch shape: 1x1 | cross | full",
     "bn": "BatchNorm policy under branches: frozen | affine | train",
     "epochs": "epochs per task",
+    "batch_size": "the global batch: under torchrun --nproc_per_node N each process trains on batch_size / N of it",
+    "sync_bn": "under torchrun on GPUs, the backbone's BatchNorms normalise with the global batch's statistics",
     "lr": "learning rate (default: the method's recipe, scaled by batch_size / 256)",
     "weight_decay": "weight decay (default: the method's recipe)",
     "precision": "fp32 | bf16 (autocast)",
@@ -40,6 +42,8 @@ _HELP = {
     "online_probe": "train the papers' online linear probe alongside SSL on detached features (labelled data)",
     "linear_probe": "fit the offline linear probe after every task",
     "push_when": "task (after every task) | end (the final model only)",
+    "nonfinite": "on a NaN/Inf loss: stop (the task, keeping the last checkpoint) | skip (that step's update, logged)",
+    "nonfinite_limit": "with --nonfinite skip: this many non-finite steps in a row stop the task",
 }
 
 
@@ -86,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train import distributed
     from .train.continual import ContinualRun
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
@@ -99,10 +104,16 @@ def _train(args: argparse.Namespace) -> int:
     else:
         values = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
         config = TrainConfig.from_dict({**values, **overrides})
-    run = ContinualRun(config, progress=not args.no_progress)
-    final = run.run(resume=args.resume is not None)
-    print(f"final model: {final}")
-    print(f'timm.create_model("local-dir:{final}", pretrained=True)')
+    # Under torchrun: one process per rank, joined here; otherwise a no-op.
+    with distributed.process_group(distributed.resolve_device(config.device)):
+        main_rank = distributed.is_main_process()
+        if not main_rank:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs for all
+        run = ContinualRun(config, progress=not args.no_progress)
+        final = run.run(resume=args.resume is not None)
+    if main_rank:
+        print(f"final model: {final}")
+        print(f'timm.create_model("local-dir:{final}", pretrained=True)')
     return 0
 
 
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pushed {args.task_dir} to {url}")
             print(f'timm.create_model("hf-hub:{args.repo_id}", pretrained=True)')
             return 0
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # OSError: a missing file, a full disk
         print(f"timm-branch: error: {err}", file=sys.stderr)
         return 2
     return 1

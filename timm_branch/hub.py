@@ -13,22 +13,25 @@ logged, never written into a card or config file, and scrubbed from error messag
 
 Errors are :class:`HubPushError` (a ``RuntimeError``) naming the step that failed (creating the
 repository, uploading, committing), the HTTP status, and what to do. Local files are only read.
-Retries: creating the repository (idempotent with ``exist_ok``) is retried on connection errors
-and 502/503/504; the client itself retries the pre-upload request on transient errors. The commit
-is never retried here: a retry after a lost reply could commit twice.
+Retries: creating the repository (idempotent with ``exist_ok``) is retried on connection errors,
+timeouts and 502/503/504; the client itself retries the pre-upload request on transient errors.
+The commit is never retried here: a retry after a lost reply could commit twice. Every request
+waits at most ``timeout`` seconds (:data:`HUB_TIMEOUT`) for the Hub to answer; huggingface_hub's own
+client would wait forever on a Hub that accepts the connection and never replies.
 
 The Hub endpoint is ``HF_ENDPOINT`` (read by huggingface_hub when it is imported) unless
 ``endpoint=`` is given.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from torch import nn
 
@@ -44,6 +47,8 @@ CARD_NAME = "README.md"
 _RETRY_STATUS = (502, 503, 504)
 _RETRY_WAITS = (0.5, 1.0)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
+HUB_TIMEOUT = 60.0
+"""Seconds a push waits for the Hub to answer one request (connect, send, or reply) before it fails."""
 
 T = TypeVar("T")
 
@@ -89,6 +94,20 @@ def _status(err: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def _transport_error(name: str) -> tuple[type[BaseException], ...]:
+    """The client's transport exception class ``name`` (none with an older huggingface_hub)."""
+    try:
+        import httpx2
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ()
+    return (getattr(httpx2, name),)
+
+
+def _never_connected(err: BaseException) -> bool:
+    """Whether the request failed before reaching the Hub (so nothing can have been committed)."""
+    return isinstance(err, (ConnectionRefusedError, *_transport_error("ConnectError"), *_transport_error("ConnectTimeout")))
+
+
 def _is_connection_error(err: BaseException) -> bool:
     try:
         import httpx2
@@ -101,14 +120,22 @@ def _is_connection_error(err: BaseException) -> bool:
         err, (ConnectionError, TimeoutError))
 
 
-def _explain(err: BaseException, *, repo_id: str, step: str, endpoint: str, token: str, committing: bool) -> HubPushError:
+def _explain(err: BaseException, *, repo_id: str, step: str, endpoint: str, token: str, committing: bool,
+             timeout: float) -> HubPushError:
     status = _status(err)
     where = f"the Hub at {endpoint}"
     if status is None and _is_connection_error(err):
-        return HubPushError(
-            f"cannot reach {where} while {step} ({type(err).__name__}: {_scrub(str(err), token)}). "
-            "Check the network connection and HF_ENDPOINT, then push again; nothing was published.",
-            repo_id=repo_id, step=step)
+        detail = f"({type(err).__name__}: {_scrub(str(err), token)})"
+        if _never_connected(err):
+            return HubPushError(
+                f"cannot reach {where} while {step} {detail}. "
+                "Check the network connection and HF_ENDPOINT, then push again; nothing was published.",
+                repo_id=repo_id, step=step)
+        outcome = ("the commit may or may not have been made: check the repository before pushing again"
+                   if committing else "nothing was published; push again later")
+        what = (f"did not answer within {timeout:g} s" if isinstance(err, (TimeoutError, *_transport_error("TimeoutException")))
+                else "dropped the connection")
+        return HubPushError(f"{where} {what} while {step} {detail}; {outcome}.", repo_id=repo_id, step=step)
     if status is None:
         return HubPushError(f"pushing to {repo_id} failed while {step}: {type(err).__name__}: {_scrub(str(err), token)}",
                             repo_id=repo_id, step=step)
@@ -131,8 +158,8 @@ def _explain(err: BaseException, *, repo_id: str, step: str, endpoint: str, toke
                         repo_id=repo_id, step=step, status=status)
 
 
-def _call(step: str, fn: Callable[[], T], *, repo_id: str, endpoint: str, token: str, retry: bool = False,
-          committing: bool = False) -> T:
+def _call(step: str, fn: Callable[[], T], *, repo_id: str, endpoint: str, token: str, timeout: float,
+          retry: bool = False, committing: bool = False) -> T:
     attempts = len(_RETRY_WAITS) + 1 if retry else 1
     for attempt in range(attempts):
         try:
@@ -144,8 +171,22 @@ def _call(step: str, fn: Callable[[], T], *, repo_id: str, endpoint: str, token:
                 time.sleep(_RETRY_WAITS[attempt])
                 continue
             raise _explain(err, repo_id=repo_id, step=step, endpoint=endpoint, token=token,
-                           committing=committing) from None
+                           committing=committing, timeout=timeout) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _request_timeout(seconds: float) -> Iterator[None]:
+    """Give huggingface_hub's shared HTTP client a ``seconds`` timeout for the block, then restore its own."""
+    from huggingface_hub import get_session
+
+    session = get_session()
+    previous = session.timeout
+    session.timeout = seconds
+    try:
+        yield
+    finally:
+        session.timeout = previous
 
 
 def _upload(
@@ -158,6 +199,7 @@ def _upload(
     commit_message: str,
     create_pr: bool,
     endpoint: str | None,
+    timeout: float,
 ) -> str:
     """Create the repo if needed and commit ``files`` (path in repo -> local file or bytes) in one commit."""
     if not _REPO_ID.match(repo_id or ""):
@@ -172,19 +214,20 @@ def _upload(
 
     url = _endpoint(endpoint)
     api = HfApi(endpoint=url, token=token)
-    common = dict(repo_id=repo_id, endpoint=url, token=token)
+    common = dict(repo_id=repo_id, endpoint=url, token=token, timeout=timeout)
     log.info("pushing %s to %s at %s", ", ".join(sorted(files)), repo_id, url)
-    _call("creating the repository", lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
-          retry=True, **common)
-    if revision and revision != "main" and not create_pr:
-        _call(f"creating the branch {revision!r}",
-              lambda: api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True), retry=True, **common)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content if isinstance(content, bytes) else str(content))
                   for name, content in files.items()]
-    info = _call("uploading and committing the files",
-                 lambda: api.create_commit(repo_id, operations=operations, commit_message=commit_message,
-                                           revision=revision, create_pr=create_pr, repo_type="model"),
-                 committing=True, **common)
+    with _request_timeout(timeout):
+        _call("creating the repository", lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
+              retry=True, **common)
+        if revision and revision != "main" and not create_pr:
+            _call(f"creating the branch {revision!r}",
+                  lambda: api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True), retry=True, **common)
+        info = _call("uploading and committing the files",
+                     lambda: api.create_commit(repo_id, operations=operations, commit_message=commit_message,
+                                               revision=revision, create_pr=create_pr, repo_type="model"),
+                     committing=True, **common)
     log.info("pushed %s: %s", repo_id, info.commit_url)
     if create_pr and getattr(info, "pr_url", None):
         log.info("pull request: %s", info.pr_url)
@@ -219,6 +262,7 @@ def push_to_hub(
     datasets: Sequence[str] | None = None,
     model_args: dict | None = None,
     endpoint: str | None = None,
+    timeout: float = HUB_TIMEOUT,
 ) -> str:
     """Push a merged timm model to the Hub repository ``repo_id``; returns the commit URL.
 
@@ -236,10 +280,11 @@ def push_to_hub(
         license, datasets: card metadata (see :mod:`timm_branch.card` for the licence rule).
         model_args: extra ``timm.create_model`` keyword arguments to record in ``config.json``.
         endpoint: a Hub endpoint other than ``HF_ENDPOINT``.
+        timeout: seconds to wait for the Hub to answer one request (:data:`HUB_TIMEOUT`).
 
     Raises:
         ValueError: the model still has branches, or ``repo_id`` is malformed.
-        HubPushError: no token, or the Hub could not be reached or refused the push.
+        HubPushError: no token, or the Hub could not be reached, did not answer in time, or refused the push.
     """
     from .branch import iter_branches
     from .export import save_pretrained
@@ -265,7 +310,7 @@ def push_to_hub(
         if plot:
             files[PLOT_FILE] = plot
         return _upload(files, repo_id, token=token, private=private, revision=revision, commit_message=message,
-                       create_pr=create_pr, endpoint=endpoint)
+                       create_pr=create_pr, endpoint=endpoint, timeout=timeout)
 
 
 def push_task_folder(
@@ -282,6 +327,7 @@ def push_task_folder(
     license: str | None = None,
     datasets: Sequence[str] | None = None,
     endpoint: str | None = None,
+    timeout: float = HUB_TIMEOUT,
 ) -> str:
     """Push an exported folder (``RUN/task-K`` or any :func:`~timm_branch.save_pretrained` output).
 
@@ -310,4 +356,4 @@ def push_task_folder(
         files[PLOT_FILE] = plot
     message = commit_message or f"Upload {folder.name} (timm-branch)"
     return _upload(files, repo_id, token=token, private=private, revision=revision, commit_message=message,
-                   create_pr=create_pr, endpoint=endpoint)
+                   create_pr=create_pr, endpoint=endpoint, timeout=timeout)

@@ -60,7 +60,7 @@ def add_branches(
     bn_policy.check_policy(bn)
     if next(iter_branches(model), None) is not None:
         raise ValueError("the model already has branches; call merge_branches(model) before adding new ones")
-    _require_batchnorm(model)
+    require_batchnorm(model)
     pairs = find_conv_bn_pairs(model, example_input)
     candidates = [pair.conv for pair in pairs]
     convs = [name for name in candidates if _selected(name, include, exclude)]
@@ -179,7 +179,8 @@ def load_branch_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             branch.branch.copy_(state_dict[name])
 
 
-def _require_batchnorm(model: nn.Module) -> None:
+def require_batchnorm(model: nn.Module) -> None:
+    """Raise :class:`NoBatchNormError`, saying what the model normalises with instead, if it has no BatchNorm."""
     if any(bn_policy.is_batchnorm(m) for m in model.modules()):
         return
     norms = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})

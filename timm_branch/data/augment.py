@@ -42,6 +42,7 @@ grayscale, blur and solarisation work on [0, 1] floats; the output is normalised
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -218,6 +219,11 @@ class AugmentParams:
     sigma: torch.Tensor
     solarize: torch.Tensor
 
+    def select(self, rows: slice) -> "AugmentParams":
+        """The choices of the samples ``rows`` of the batch; the jitter order stays the batch's."""
+        per_sample = {f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if f.name != "jitter_order"}
+        return dataclasses.replace(self, **per_sample)
+
 
 class SSLAugment(nn.Module):
     """One random SSL view of a batch, every random choice drawn per sample (see the module doc).
@@ -239,10 +245,14 @@ class SSLAugment(nn.Module):
         blur_kernel_size: odd kernel size; default :func:`default_blur_kernel_size`.
         mean, std: per-channel normalisation of the [0, 1] result.
 
-    ``forward(images, generator=None)``: ``images`` uint8 ``(B, 3, H, W)`` (or float in [0, 1])
-    on any device -> float32 ``(B, 3, image_size, image_size)``, normalised, on the same device.
-    It is ``apply(images, sample_params(B, H, W, generator, images.device))``; the two halves
-    are public so that a view's random choices can be inspected, logged or replayed.
+    ``forward(images, generator=None, rows=None)``: ``images`` uint8 ``(B, 3, H, W)`` (or float in
+    [0, 1]) on any device -> float32 ``(B, 3, image_size, image_size)``, normalised, on the same
+    device. It is ``apply(images, sample_params(B, H, W, generator, images.device))``; the two
+    halves are public so that a view's random choices can be inspected, logged or replayed.
+    With ``rows`` (a slice), the choices are still drawn for all ``B`` images but only
+    ``images[rows]`` is augmented, with its own choices: ``forward(images, g, rows)`` equals
+    ``forward(images, g)[rows]`` and leaves ``g`` in the same state (one rank's part of a global
+    batch in data-parallel training).
     """
 
     def __init__(
@@ -436,11 +446,15 @@ class SSLAugment(nn.Module):
         # 6. normalisation
         return (x - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One random view: ``apply(images, sample_params(...))``."""
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                rows: slice | None = None) -> torch.Tensor:
+        """One random view: ``apply(images, sample_params(...))``, of ``images[rows]`` only if given."""
         _check_images(images, type(self).__name__)  # before drawing anything
         b, _, height, width = images.shape
-        return self.apply(images, self.sample_params(b, height, width, generator, images.device))
+        params = self.sample_params(b, height, width, generator, images.device)
+        if rows is not None:
+            images, params = images[rows], params.select(rows)
+        return self.apply(images, params)
 
 
 def _pair(name: str, value: float | Sequence[float]) -> tuple[float, float]:
@@ -462,8 +476,9 @@ class TwoViewAugment(nn.Module):
             CIFAR recipe for BYOL and Barlow Twins ``solarize_p=(0.0, 0.2)`` without blur.
         **kwargs: every other :class:`SSLAugment` argument, shared by both views.
 
-    ``forward(images, generator=None) -> [view1, view2]``, each float32
+    ``forward(images, generator=None, rows=None) -> [view1, view2]``, each float32
     ``(B, 3, image_size, image_size)``; view 2's draws follow view 1's on the same generator.
+    ``rows`` as in :class:`SSLAugment`: both views of ``images[rows]``, drawn for the whole batch.
     """
 
     def __init__(self, image_size: int, solarize_p: float | Sequence[float] = 0.0,
@@ -474,8 +489,9 @@ class TwoViewAugment(nn.Module):
         self.view1 = SSLAugment(image_size, solarize_p=s1, blur_p=b1, **kwargs)
         self.view2 = SSLAugment(image_size, solarize_p=s2, blur_p=b2, **kwargs)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        return [self.view1(images, generator), self.view2(images, generator)]
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                rows: slice | None = None) -> list[torch.Tensor]:
+        return [self.view1(images, generator, rows), self.view2(images, generator, rows)]
 
 
 class EvalTransform(nn.Module):

@@ -10,6 +10,12 @@ it computes, for each of the two augmented views ``x_v`` of a batch,
 projector outputs, which CaSSLe distils (:mod:`timm_branch.ssl.cassle`). After the optimiser
 step it updates the momentum networks with :func:`timm_branch.ssl.momentum.ema_update`, for the
 backbone pair and for every pair of :meth:`SSLMethod.momentum_pairs`.
+
+Data-parallel training: the methods call no collective of their own. The trainer gathers the
+backbone features of the global batch from every process with the differentiable
+:func:`timm_branch.train.distributed.gather_rows` and passes those, so the heads (BatchNorm
+included), losses, queues and Sinkhorn see the whole batch, as on one process. A custom
+``DistributedDataParallel`` loop does the same: ``method([gather_rows(f) for f in feats], ...)``.
 """
 from __future__ import annotations
 

@@ -50,7 +50,9 @@ class MoCo(SSLMethod):
     Loss: ``(moco_loss(q1, k2, queue[1]) + moco_loss(q2, k1, queue[0])) / 2`` with
     ``q_v = normalize(projector(feats[v]))`` and ``k_v = normalize(momentum_projector(momentum_feats[v]))``.
     After the loss, in training mode only, ``k_v`` is enqueued into ``queue[v]`` (first in,
-    first out; no gradient; no all-gather across processes).
+    first out; no gradient). The method does no all-gather of its own: in data-parallel training
+    it is given the features of the global batch (see :mod:`timm_branch.ssl.base`), so every
+    process enqueues the same keys, in one process's order.
 
     ``z`` are the normalised queries ``q_v``, ``(B, proj_output_dim)`` (what CaSSLe distils).
 

@@ -1,4 +1,4 @@
-"""Run-folder layout, finished-task folders and mid-task checkpoints, all written atomically.
+"""Run-folder layout, finished-task folders and mid-task checkpoints: written atomically, read back checked.
 
 A run folder holds::
 
@@ -7,29 +7,57 @@ A run folder holds::
     task-K/                one folder per finished task, complete or absent:
         model.safetensors, config.json, README.md   the merged backbone, loadable by plain timm
         trainer_state.safetensors                   SSL heads, momentum backbone, queues
-    checkpoint.json        points at the newest mid-task checkpoint folder
-    checkpoint-K-E/        state after epoch E of task K: modules + optimiser + scheduler
+        task.json                                   the task's settings and the SHA-256 of every other file
+    checkpoint.json        points at the newest mid-task checkpoint folder, with the SHA-256 of its files
+    checkpoint-K-E/        state after epoch E of task K: modules.safetensors + optim.pt
 
-``task-K`` is assembled in a temporary folder and renamed into place in one step, so a folder with
-that name is always complete. A checkpoint folder is complete before ``checkpoint.json`` (itself
-replaced atomically) points at it; older checkpoint folders are removed after that.
+``task-K`` is assembled in a hidden temporary folder and renamed into place in one step, so a
+folder with that name is always complete. A checkpoint folder is complete before
+``checkpoint.json`` (itself replaced atomically) points at it; older checkpoint folders are
+removed after that. A run killed at any moment leaves at most hidden temporary entries, which
+:func:`remove_leftovers` clears when the run starts again. Trained state holding NaN or Inf is
+never written (:class:`NonFiniteStateError`), so the last checkpoint is always a good one.
+
+Reading back checks each file against its recorded SHA-256, then parses it and checks it against
+the model it is loaded into; every error names the file (``FileNotFoundError``,
+:class:`~timm_branch._io.CorruptFileError`, or ``ValueError`` for state of another model).
 """
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
-import safetensors.torch
 import torch
 from torch import nn
 
-from .._io import atomic_write_json, fsync_path
+from .._io import (CorruptFileError, atomic_write_json, fsync_path, read_json, read_safetensors, read_torch_state,
+                   sha256_file, staging_folder, write_safetensors, write_torch_state)
+from ..export import load_exported, nonfinite_tensors
+
+log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.safetensors"
+TASK_INFO = "task.json"
 POINTER = "checkpoint.json"
+MODULES = "modules.safetensors"
+OPTIMIZER = "optim.pt"
+
+
+class NonFiniteStateError(ValueError):
+    """Trained tensors hold NaN or Inf: they were not checkpointed, so the previous checkpoint
+    stays the last good one."""
+
+
+class Checkpoint(NamedTuple):
+    """A mid-task checkpoint read back: ``path`` is its modules file, for error messages."""
+
+    epoch: int
+    tensors: dict[str, torch.Tensor]
+    optim_state: dict
+    path: Path
 
 
 def task_dir(run: Path, task: int) -> Path:
@@ -42,6 +70,16 @@ def finished_tasks(run: Path) -> int:
     while task_dir(run, count).is_dir():
         count += 1
     return count
+
+
+def remove_leftovers(run: Path) -> None:
+    """Remove what a killed run left half-written: hidden ``.task-K.*`` and ``.checkpoint-K-E.*``
+    staging folders and ``.*.tmp`` files. Finished tasks and checkpoints are left alone."""
+    for entry in run.glob(".*"):
+        if entry.is_dir() and entry.name.startswith((".task-", ".checkpoint-")):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
 
 
 def module_tensors(modules: dict[str, nn.Module | None]) -> dict[str, torch.Tensor]:
@@ -64,66 +102,103 @@ def load_module_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, nn.
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{where}: the saved {name!r} state does not fit this run's {name}: {err}") from err
+            raise ValueError(
+                f"{where}: the saved {name!r} state does not fit this run's {name}: it was written by a run with "
+                f"another model, method or branch shape ({err})"
+            ) from err
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {path.name: sha256_file(path) for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def _verify(folder: Path, info: dict, record: Path, advice: str) -> None:
+    """Check that every file ``record`` (whose contents are ``info``) lists is in ``folder`` with
+    the recorded SHA-256."""
+    if "files" not in info:
+        log.warning("%s records no file digests (written by an older timm-branch): the files it names are parsed "
+                    "and checked against the model, not against digests", record)
+    for name, digest in info.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing, but {record} lists it; {advice}")
+        if sha256_file(path) != digest:
+            raise CorruptFileError(
+                f"{path} is not the file that was written (its SHA-256 differs from the one in {record}): "
+                f"it is damaged or was changed; {advice}"
+            )
 
 
 def write_task(run: Path, task: int, write_export, trainer_tensors: dict[str, torch.Tensor], info: dict) -> Path:
     """Assemble ``task-K`` in a temporary folder (``write_export(folder)`` writes the model) and
-    rename it into place."""
+    rename it into place; ``task.json``, written last, records ``info`` and the files' digests."""
     final = task_dir(run, task)
-    tmp = Path(tempfile.mkdtemp(prefix=f".task-{task}.", dir=run))
-    try:
+    with staging_folder(final) as tmp:
         write_export(tmp)
-        safetensors.torch.save_file(trainer_tensors, tmp / TRAINER_STATE)
-        fsync_path(tmp / TRAINER_STATE)
-        atomic_write_json(tmp / "task.json", info)
+        write_safetensors(tmp / TRAINER_STATE, trainer_tensors)
+        atomic_write_json(tmp / TASK_INFO, {**info, "files": _digests(tmp)})
         os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     fsync_path(run)
     return final
 
 
+def load_task(run: Path, task: int, backbone: nn.Module, kept: dict[str, nn.Module | None] | None = None) -> nn.Module:
+    """Load finished task ``task`` into ``backbone`` (and its trainer state into ``kept``), every
+    file checked; returns ``backbone``."""
+    folder = task_dir(run, task)
+    advice = f"restore {folder.name} from a backup, or delete it and every later task folder and resume to train again"
+    _verify(folder, read_json(folder / TASK_INFO), folder / TASK_INFO, advice)
+    load_exported(backbone, folder)
+    if kept is not None:
+        load_module_tensors(read_safetensors(folder / TRAINER_STATE), kept, folder / TRAINER_STATE)
+    return backbone
+
+
 def read_task_state(run: Path, task: int) -> dict[str, torch.Tensor]:
-    path = task_dir(run, task) / TRAINER_STATE
-    return safetensors.torch.load_file(path)
+    return read_safetensors(task_dir(run, task) / TRAINER_STATE)
 
 
 def write_checkpoint(run: Path, task: int, epoch: int, tensors: dict[str, torch.Tensor], optim_state: dict) -> Path:
-    """Write the state after ``epoch`` of ``task`` and point ``checkpoint.json`` at it."""
+    """Write the state after ``epoch`` of ``task`` and point ``checkpoint.json`` at it.
+
+    Raises:
+        NonFiniteStateError: a floating-point tensor holds NaN or Inf (nothing is written).
+        WriteError: the disk is full or not writable; the previous checkpoint is intact.
+    """
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise NonFiniteStateError(
+            f"task {task}, epoch {epoch + 1}: {len(bad)} trained tensors hold NaN or Inf ({', '.join(bad[:5])}); "
+            f"they were not checkpointed, so {run / POINTER} still names the last good state. Lower --lr"
+        )
     folder = run / f"checkpoint-{task}-{epoch}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=run))
-    try:
-        safetensors.torch.save_file(tensors, tmp / "modules.safetensors")
-        torch.save(optim_state, tmp / "optim.pt")
-        for name in ("modules.safetensors", "optim.pt"):
-            fsync_path(tmp / name)
-        if folder.exists():
+    with staging_folder(folder) as tmp:
+        write_safetensors(tmp / MODULES, tensors)
+        write_torch_state(tmp / OPTIMIZER, optim_state)
+        digests = _digests(tmp)
+        if folder.exists():  # complete, but a kill came before the pointer named it: this epoch ran again
             shutil.rmtree(folder)
         os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_json(run / POINTER, {"task": task, "epoch": epoch, "folder": folder.name})
+    fsync_path(run)
+    atomic_write_json(run / POINTER, {"task": task, "epoch": epoch, "folder": folder.name, "files": digests})
     for old in run.glob("checkpoint-*-*"):
         if old.is_dir() and old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def read_checkpoint(run: Path, task: int) -> tuple[int, dict[str, torch.Tensor], dict] | None:
-    """``(epoch, module tensors, optimiser state)`` of the newest checkpoint of ``task``, or ``None``."""
+def read_checkpoint(run: Path, task: int) -> Checkpoint | None:
+    """The newest checkpoint of ``task``, every file checked, or ``None`` if there is none."""
     pointer = run / POINTER
     if not pointer.is_file():
         return None
-    info = json.loads(pointer.read_text(encoding="utf-8"))
+    info = read_json(pointer)
     if info.get("task") != task:
         return None
-    folder = run / info["folder"]
-    tensors = safetensors.torch.load_file(folder / "modules.safetensors")
-    optim_state = torch.load(folder / "optim.pt", weights_only=True)
-    return int(info["epoch"]), tensors, optim_state
+    folder = run / str(info.get("folder"))
+    _verify(folder, info, pointer, f"delete {pointer} to train task {task} again from its first epoch")
+    modules = folder / MODULES
+    return Checkpoint(int(info["epoch"]), read_safetensors(modules), read_torch_state(folder / OPTIMIZER), modules)
 
 
 def clear_checkpoints(run: Path) -> None:

@@ -12,6 +12,7 @@ STRATEGIES: tuple[str, ...] = ("finetune", "branch", "cassle", "cassle+branch", 
 SCENARIOS: tuple[str, ...] = ("class", "data", "domain")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 PUSH_WHEN: tuple[str, ...] = ("task", "end")
+NONFINITE: tuple[str, ...] = ("stop", "skip")
 
 
 @dataclass
@@ -21,6 +22,12 @@ class TrainConfig:
     ``optimizer``, ``lr`` and ``weight_decay`` default to the SSL method's recipe (LARS, except
     MoCo v2+'s SGD); ``split_seed`` to the
     scenario's convention (5 for class-incremental, 42 for data-incremental).
+
+    ``batch_size`` is the global batch: under ``torchrun --nproc_per_node N`` each process trains
+    on ``batch_size / N`` of its images, and the run computes what one process would.
+
+    A NaN or Inf loss stops the task (``nonfinite="stop"``), or, with ``nonfinite="skip"``, skips
+    that step's update; ``nonfinite_limit`` non-finite steps in a row stop the task anyway.
     """
 
     model: str = "resnet18"
@@ -44,6 +51,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     device: str = "auto"
+    sync_bn: bool = False  # under torchrun on GPUs: the backbone's BatchNorms use the global batch's statistics
     seed: int = 0
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -53,6 +61,8 @@ class TrainConfig:
     output: str = "runs/default"
     push_to_hub: str | None = None
     push_when: str = "task"
+    nonfinite: str = "stop"
+    nonfinite_limit: int = 10
 
     def problems(self) -> list[str]:
         """Every problem with the configuration that can be seen without loading data."""
@@ -67,6 +77,7 @@ class TrainConfig:
         choices = [
             ("strategy", STRATEGIES), ("scenario", SCENARIOS), ("method", METHODS), ("shape", BRANCH_SHAPES),
             ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("push_when", PUSH_WHEN),
+            ("nonfinite", NONFINITE),
         ]
         for name, allowed in choices:
             if getattr(self, name) not in allowed and not (name == "optimizer" and self.optimizer is None):
@@ -77,7 +88,8 @@ class TrainConfig:
         elif not timm.is_model(self.model):
             close = timm.list_models(f"*{self.model.split('.')[0][:6]}*")[:5]
             found.append(f"model={self.model!r} is not a timm model name" + (f" (close: {', '.join(close)})" if close else ""))
-        for name, low in (("num_tasks", 1), ("epochs", 1), ("batch_size", 2), ("image_size", 8), ("eval_batch_size", 1), ("knn_k", 1)):
+        for name, low in (("num_tasks", 1), ("epochs", 1), ("batch_size", 2), ("image_size", 8), ("eval_batch_size", 1),
+                          ("knn_k", 1), ("nonfinite_limit", 1)):
             if getattr(self, name) < low:
                 found.append(f"{name}={getattr(self, name)} must be at least {low}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
@@ -86,6 +98,11 @@ class TrainConfig:
             found.append(f"lr={self.lr} must be positive")
         if self.weight_decay is not None and self.weight_decay < 0:
             found.append(f"weight_decay={self.weight_decay} must not be negative")
+        if self.knn_temperature <= 0:
+            found.append(f"knn_temperature={self.knn_temperature} must be positive")
+        if self.distill_weight < 0:
+            found.append(f"distill_weight={self.distill_weight} must not be negative")
+        found += self._device_problems() + self._pretrained_folder_problems()
         if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
             found.append(f"push_to_hub={self.push_to_hub!r} is not a Hub repository id of the form org/name")
         if not self.data:
@@ -96,6 +113,31 @@ class TrainConfig:
             found.append(f"scenario={self.scenario!r} takes one data source, got {len(self.data)} (use scenario='domain')")
         return found
 
+    def _device_problems(self) -> list[str]:
+        """``device`` must parse and, for a GPU, exist on this machine (checked here, not at the first ``.to``)."""
+        import torch
+
+        if self.device == "auto":
+            return []
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            return [f"device={self.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)"]
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            return [f"device={self.device!r}, but this machine has {torch.cuda.device_count()} CUDA GPUs; use device=auto or cpu"]
+        return []
+
+    def _pretrained_folder_problems(self) -> list[str]:
+        """A ``local-dir:`` start must be an exported folder (its files are checked when loaded)."""
+        if not (self.pretrained or "").startswith("local-dir:"):
+            return []
+        folder = Path(self.pretrained[len("local-dir:"):])
+        missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+        if missing:
+            return [f"pretrained={self.pretrained!r}: {folder} has no {' or '.join(missing)}; give a folder written by "
+                    "save_pretrained or timm-branch train (RUN/task-K)"]
+        return []
+
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` listing every problem at once; return ``self`` when there is none."""
         found = self.problems()
@@ -104,6 +146,7 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
+        """Every field by name, as plain Python values."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -120,6 +163,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Read a YAML mapping of field names to values (see :meth:`from_dict`)."""
         text = Path(path).read_text(encoding="utf-8")
         values = yaml.safe_load(text) or {}
         if not isinstance(values, dict):
@@ -127,4 +171,5 @@ class TrainConfig:
         return cls.from_dict(values)
 
     def to_yaml(self) -> str:
+        """The configuration as YAML, fields in declaration order (what ``config.yaml`` holds)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -22,15 +22,24 @@ online network's effective weights, branches included.
 
 Reproducibility: every random draw of task ``t``, epoch ``e`` comes from seeds derived from
 ``(seed, t, e)``, so a run resumed from a checkpoint draws what an uninterrupted run would.
+
+Data-parallel (under ``torchrun``, :mod:`timm_branch.train.distributed`): every rank draws the
+global batch and its augmentations as one process does and runs the backbone (in
+``DistributedDataParallel``) on its slice; the backbone features of the global batch are
+gathered on every rank before the SSL heads, so the losses, heads, queues, momentum networks,
+distiller and probe compute what one process computes. Rank 0 alone writes and evaluates.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import timm
 import torch
@@ -43,12 +52,14 @@ from ..data import DataSource, EvalTransform, Scenario, TwoViewAugment, build_sc
 from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
 from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
 from ..evaluate.report import CURVES_FILE
-from ..export import save_pretrained
+from ..export import create_pretrained, save_pretrained
 from ..ssl import SSLMethod, build_distiller, build_method, cosine_momentum, ema_update
-from ..surgery import add_branches, branch_parameters, merge_branches
+from ..surgery import add_branches, branch_parameters, merge_branches, require_batchnorm
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
+from .tensorboard import TensorBoardLogger
 
 log = logging.getLogger("timm_branch.train")
 
@@ -71,6 +82,7 @@ class Learner:
     teacher_method: SSLMethod | None = None
     distiller: nn.Module | None = None
     probe: nn.Linear | None = None
+    encoder: nn.Module | None = None  # the backbone as a task's steps call it (see ContinualRun._parallel)
 
     def trained(self) -> dict[str, nn.Module | None]:
         """The modules whose state a checkpoint keeps (the teacher is rebuilt from the last task)."""
@@ -85,6 +97,24 @@ class Learner:
 def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Global-pooled backbone features ``(B, num_features)`` of a float batch."""
     return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+
+
+def _global_features(backbone: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The features ``(B, num_features)`` of the global batch: each of this rank's views
+    ``(b, 3, H, W)`` through ``backbone``, gathered from every rank in rank order."""
+    return [distributed.gather_rows(features(backbone, v)) for v in views]
+
+
+class _Encoder(nn.Module):
+    """The backbone as one module call, ``views -> [features(backbone, v) for v in views]``
+    (each ``(b, num_features)``), the call ``DistributedDataParallel`` must see to reduce gradients."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [features(self.backbone, v) for v in views]
 
 
 def _seed(config: TrainConfig, task: int, epoch: int) -> int:
@@ -103,11 +133,14 @@ class ContinualRun:
         self.config = config.validate()
         self.progress = progress
         self.run_dir = Path(config.output)
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+        self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard")
+        self.device = distributed.resolve_device(config.device)
+        self._check_parallel()
         sources = [load_source(spec, config.image_size) for spec in config.data]
         source: DataSource | list[DataSource] = sources if config.scenario == "domain" else sources[0]
         self.scenario: Scenario = build_scenario(config.scenario, source, None if config.scenario == "domain" else config.num_tasks, config.split_seed)
         self._check_data()
+        self._check_model()
         self.images = self.scenario.source.train.images.to(self.device)
         train_labels = self.scenario.source.train.labels
         if config.online_probe and train_labels is None:
@@ -128,6 +161,19 @@ class ContinualRun:
 
     # -- checks ----------------------------------------------------------------------------------
 
+    def _check_parallel(self) -> None:
+        """Refuse a data-parallel setup that cannot compute what one process computes."""
+        n = distributed.world_size()
+        if distributed.launched_by_torchrun() and n == 1:
+            raise ValueError("torchrun started several processes but no process group is initialised: run "
+                             "ContinualRun inside timm_branch.train.distributed.process_group(device)")
+        if self.config.batch_size % n:
+            raise ValueError(f"batch_size={self.config.batch_size} is the global batch; it must be a multiple of "
+                             f"the {n} processes, each of which takes an equal share")
+        if self.config.sync_bn and n > 1 and self.device.type == "cpu":
+            raise ValueError("sync_bn needs GPUs: torch.nn.SyncBatchNorm synchronises CUDA tensors only, and this run "
+                             f"is on the CPU with {n} processes (drop --sync-bn)")
+
     def _check_data(self) -> None:
         for task in self.scenario.tasks:
             n = len(self._task_indices(task.index))
@@ -136,6 +182,12 @@ class ContinualRun:
                     f"task {task.index} has {n} training images, fewer than batch_size={self.config.batch_size}; "
                     "lower --batch-size or use fewer tasks"
                 )
+
+    def _check_model(self) -> None:
+        """Refuse a model without BatchNorm for a branch strategy now, not after task 0 trained."""
+        if self.config.strategy in ("branch", "cassle+branch"):
+            with torch.device("meta"):  # the architecture only: no memory, no weights
+                require_batchnorm(timm.create_model(self.config.pretrained or self.config.model, pretrained=False))
 
     def _task_indices(self, task: int) -> torch.Tensor:
         if self.config.strategy == "joint":
@@ -149,7 +201,7 @@ class ContinualRun:
         if self.config.pretrained and random_init:
             model = timm.create_model(self.config.pretrained, pretrained=False, num_classes=0)
         elif self.config.pretrained:
-            model = timm.create_model(self.config.pretrained, pretrained=True, num_classes=0)
+            model = create_pretrained(self.config.pretrained, num_classes=0)
         else:
             model = timm.create_model(self.config.model, pretrained=False, num_classes=0)
         return self._place(model)
@@ -171,11 +223,7 @@ class ContinualRun:
     def _learner_after(self, task: int) -> Learner:
         """The learner as it was when ``task`` finished, read back from ``task-K``."""
         learner = self._initial_learner()
-        folder = ckpt.task_dir(self.run_dir, task)
-        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-        learner.backbone.load_state_dict(model.state_dict(), strict=True)
-        tensors = ckpt.read_task_state(self.run_dir, task)
-        ckpt.load_module_tensors(tensors, learner.kept(), folder)
+        ckpt.load_task(self.run_dir, task, learner.backbone, learner.kept())
         return learner
 
     def _uses_branches(self, task: int) -> bool:
@@ -230,13 +278,14 @@ class ContinualRun:
         start = 0
         saved = ckpt.read_checkpoint(self.run_dir, task)
         if saved is not None:
-            epoch, tensors, optim_state = saved
-            ckpt.load_module_tensors(tensors, learner.trained(), self.run_dir / ckpt.POINTER)
+            epoch, tensors, optim_state, where = saved
+            ckpt.load_module_tensors(tensors, learner.trained(), where)
             optimizer.load_state_dict(optim_state["optimizer"])
             scheduler.load_state_dict(optim_state["scheduler"])
             start = epoch + 1
             log.info("task %d: resuming after epoch %d", task, epoch)
         indices = self._task_indices(task).to(self.device)
+        streak = 0  # non-finite steps in a row (nonfinite="skip")
         for epoch in range(start, cfg.epochs):
             seed = _seed(cfg, task, epoch)
             torch.manual_seed(seed)
@@ -250,48 +299,83 @@ class ContinualRun:
                     extra.train()
             learner.method.on_epoch_start(epoch)
             order = indices[torch.randperm(len(indices), generator=gen, device=self.device)]
-            bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, leave=False)
+            bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
             for step in bar:
                 chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 labels = None if self.labels is None else self.labels[chosen]
-                loss = self._step(learner, self.images[chosen], labels, gen, optimizer, scheduler, epoch * steps + step, total)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"task {task}, epoch {epoch + 1}, step {step + 1}: the loss is {loss.item()}; the task stopped, "
-                        "the last checkpoint is intact. Lower --lr or check the data."
-                    )
+                where = f"task {task}, epoch {epoch + 1}, step {step + 1}"
+                try:
+                    loss = self._step(learner, self.images[chosen], labels, gen, optimizer, scheduler, epoch * steps + step, total)
+                except torch.OutOfMemoryError as err:
+                    raise self._out_of_memory(where, err) from err
+                streak = self._count_nonfinite(loss, streak, where)
                 rate = (step + 1) * cfg.batch_size / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
             log.info("task %d epoch %d/%d: loss %.4f", task, epoch + 1, cfg.epochs, loss.item())
-            ckpt.write_checkpoint(
-                self.run_dir, task, epoch, ckpt.module_tensors(learner.trained()),
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            if distributed.is_main_process():  # every rank holds the same state; one writes it
+                self.tensorboard.log_epoch(task * cfg.epochs + epoch + 1, loss.item(), optimizer.param_groups[0]["lr"])
+                ckpt.write_checkpoint(
+                    self.run_dir, task, epoch, ckpt.module_tensors(learner.trained()),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                )
+
+    def _count_nonfinite(self, loss: torch.Tensor, streak: int, where: str) -> int:
+        """The number of non-finite steps in a row, ``loss``'s step included; raises
+        :class:`NonFiniteLossError` when the task must stop."""
+        if torch.isfinite(loss):
+            return 0
+        cfg = self.config
+        streak += 1
+        if cfg.nonfinite == "stop" or streak >= cfg.nonfinite_limit:
+            why = "" if cfg.nonfinite == "stop" else f" ({streak} non-finite steps in a row, --nonfinite-limit {cfg.nonfinite_limit})"
+            raise NonFiniteLossError(
+                f"{where}: the loss is {loss.item()}{why}; the task stopped, the last checkpoint is intact. "
+                "Lower --lr or check the data (--nonfinite skip skips such steps)."
             )
+        log.warning("%s: the loss is %s; the update was skipped (%d in a row, the task stops at %d)",
+                    where, loss.item(), streak, cfg.nonfinite_limit)
+        return streak
+
+    def _out_of_memory(self, where: str, err: torch.OutOfMemoryError) -> torch.OutOfMemoryError:
+        """``err`` restated with the batch that did not fit and what to change."""
+        cfg = self.config
+        return torch.OutOfMemoryError(
+            f"{where}: out of memory training a batch of batch_size={cfg.batch_size} (two augmented views of "
+            f"{cfg.image_size}x{cfg.image_size} images, {cfg.precision}, on {self.device}). Lower --batch-size "
+            f"(e.g. {cfg.batch_size // 2}) or use --precision bf16; the last checkpoint is intact. [{str(err).splitlines()[0]}]"
+        )
 
     def _step(self, learner: Learner, batch: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
               optimizer, scheduler, step: int, total: int) -> torch.Tensor:
         cfg = self.config
-        views = self.augment(batch, gen)
+        # The augmentations of the global batch are drawn on every rank; each applies its rows' own.
+        views = self.augment(batch, gen, rows=distributed.local_rows(len(batch)))
         if cfg.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         with autocast:
-            feats = [features(learner.backbone, v) for v in views]
+            feats = [distributed.gather_rows(f) for f in learner.encoder(views)]
             momentum_feats = None
             if learner.momentum is not None:
                 with torch.no_grad():
-                    momentum_feats = [features(learner.momentum, v) for v in views]
+                    momentum_feats = _global_features(learner.momentum, views)
             out = learner.method(feats, momentum_feats)
             loss = out.loss
             if learner.distiller is not None:
                 with torch.no_grad():
-                    z_frozen = learner.teacher_method.project([features(learner.teacher, v) for v in views])
+                    z_frozen = learner.teacher_method.project(_global_features(learner.teacher, views))
                 loss = loss + cfg.distill_weight * learner.distiller(out.z, z_frozen, learner.method, learner.teacher_method)
             if learner.probe is not None:
                 # Detached features: the probe reads the representation without shaping it.
                 loss = loss + F.cross_entropy(learner.probe(feats[0].detach()), labels)
         if not torch.isfinite(loss):
+            # No update, but the schedule follows the step index; torch warns about exactly that
+            # when a task's first steps are the skipped ones.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                scheduler.step()
             return loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -309,6 +393,8 @@ class ContinualRun:
             if net is not None and next(iter_branches(net), None) is not None:
                 merge_branches(net)
         learner.backbone.eval()
+        if not distributed.is_main_process():  # every rank merged; one writes
+            return
         trainer_tensors = ckpt.module_tensors(learner.kept())
         info = {"task": task, "strategy": self.config.strategy, "method": self.config.method,
                 "branches": self._uses_branches(task), "cassle": self._uses_cassle(task)}
@@ -356,11 +442,31 @@ class ContinualRun:
 
     def run(self, resume: bool = False) -> Path:
         """Train every unfinished task; returns the folder of the last task's merged model."""
-        cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         done = ckpt.finished_tasks(self.run_dir)
         if (done or (self.run_dir / ckpt.POINTER).exists()) and not resume:
             raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --output")
+        main = distributed.is_main_process()
+        metrics = self._open_metrics(resume, done) if main else None
+        learner = self._learner_after(done - 1) if done else self._initial_learner()
+        for task in range(done, len(self.scenario)):
+            started = time.perf_counter()
+            self._prepare_task(learner, task)
+            with self._parallel(learner):
+                self._train_task(learner, task)
+            self._finish_task(learner, task)
+            if main:
+                self._record_task(metrics, learner, task, started)
+            # The next task reads checkpoint.json, which rank 0 has just removed: wait for its writes.
+            distributed.barrier()
+        self.tensorboard.close()
+        final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
+        return final
+
+    def _open_metrics(self, resume: bool, done: int) -> ContinualMetrics:
+        """The run folder and ``config.yaml``, and the metrics with a row for each of the ``done``
+        finished tasks and the random-initialisation scores (rank 0's part of starting a run)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_leftovers(self.run_dir)
         from .._io import atomic_write_text
 
         atomic_write_text(self.run_dir / "config.yaml", self.resolved_config().to_yaml())
@@ -372,28 +478,39 @@ class ContinualRun:
             metrics = ContinualMetrics(num_tasks=len(self.scenario), task_classes=classes, meta=self._meta())
         # A crash between writing task-K and metrics.json leaves a finished task without its row.
         for task in range(len(metrics.rows), done):
-            model = timm.create_model(f"local-dir:{ckpt.task_dir(self.run_dir, task)}", pretrained=True)
+            model = ckpt.load_task(self.run_dir, task, self._new_backbone(random_init=True))
             metrics.add(task, **(self._evaluate(self._place(model).eval()) or {}), recovered=True)
             metrics.save(self.run_dir)
-        learner = self._learner_after(done - 1) if done else self._initial_learner()
         if metrics.random_init is None:
             scores = self._evaluate(self._new_backbone(random_init=True).eval())
             if scores is not None:
                 metrics.set_random_init(**scores)
-        for task in range(done, len(self.scenario)):
-            started = time.perf_counter()
-            self._prepare_task(learner, task)
-            self._train_task(learner, task)
-            self._finish_task(learner, task)
-            scores = self._evaluate(learner.backbone, learner.probe) or {}
-            metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
-            metrics.save(self.run_dir)
-            self._plot(metrics)
-            self._log_task(task, scores)
-            if cfg.push_to_hub and (cfg.push_when == "task" or task == len(self.scenario) - 1):
-                self._push(task)
-        final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
-        return final
+        return metrics
+
+    @contextlib.contextmanager
+    def _parallel(self, learner: Learner) -> Iterator[None]:
+        """For one task's training: ``learner.encoder`` (in ``DistributedDataParallel`` when several
+        ranks train) and, with ``sync_bn``, SyncBatchNorm in the backbone and its momentum copy;
+        afterwards the original BatchNorm classes again, ready to merge and export."""
+        synced = (learner.backbone, learner.momentum) if self.config.sync_bn else ()
+        with distributed.synced_batchnorm(*synced):
+            learner.encoder = distributed.data_parallel(_Encoder(learner.backbone), self.device)
+            try:
+                yield
+            finally:
+                learner.encoder = None
+
+    def _record_task(self, metrics: ContinualMetrics, learner: Learner, task: int, started: float) -> None:
+        """Rank 0, after ``task``: evaluate, save the metrics and plots, log, and push if asked."""
+        cfg = self.config
+        scores = self._evaluate(learner.backbone, learner.probe) or {}
+        metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
+        metrics.save(self.run_dir)
+        self._plot(metrics)
+        self._log_task(task, scores)
+        self.tensorboard.log_task(task, scores, metrics)
+        if cfg.push_to_hub and (cfg.push_when == "task" or task == len(self.scenario) - 1):
+            self._push(task)
 
     def _push(self, task: int) -> None:
         from ..hub import push_task_folder

@@ -1,4 +1,4 @@
-"""CPU benchmark: one training step of fine-tuning vs Branch-tuning vs a naive two-conv branch.
+"""Benchmark, CPU or GPU: one training step of fine-tuning vs Branch-tuning vs a naive two-conv branch.
 
 Variants (all on the same model weights and the same batch, the same loss and optimiser):
 
@@ -19,23 +19,41 @@ Variants (all on the same model weights and the same batch, the same loss and op
   ``padding - centre * dilation`` (``centre = (k - 1) // 2``), so it reads the same input pixel as the
   conv's centre tap (padding 0 for a 3x3, padding 1 conv). The original convs and BatchNorms are
   frozen (BatchNorm in eval mode), only the branch convs train. At build time the wrapped model's
-  output is checked against the unwrapped model's (exact equality at zero init), and every wrapped
-  conv, given random branch weights, against one conv with the branch kernels added onto the
-  centre taps of its weight (so the naive branch is the same function class as ``branch-<shape>``).
-  Every ``branch-<shape>`` model is checked against the unbranched one at zero init too.
+  output is checked against the unwrapped model's (exact equality at zero init on the CPU; on a
+  GPU, where cuDNN may choose other convolution algorithms for the two models, to 1e-2 of the
+  largest output), and every wrapped conv, given random branch weights, against one conv with the
+  branch kernels added onto the centre taps of its weight (on a float32 CPU copy; so the naive
+  branch is the same function class as ``branch-<shape>``). Every ``branch-<shape>`` model is
+  checked against the unbranched one at zero init too.
 
-Every variant computes ``loss = model.forward_features(x).pow(2).mean()`` and runs
+Every variant computes ``loss = model.forward_features(x).float().pow(2).mean()`` and runs
 ``zero_grad(set_to_none=True); loss.backward(); SGD(lr, momentum).step()``.
+
+Device and precision (``--device``, ``--precision``, ``--channels-last``, ``--compile``): the model
+and the batch live on the device; ``--precision bf16`` runs the forward under
+``torch.autocast(dtype=torch.bfloat16)`` (weights, gradients and optimiser state stay float32, as
+in the trainer); ``--channels-last`` converts the model and the batch to ``torch.channels_last``;
+``--compile`` compiles every variant's ``forward_features`` with ``torch.compile`` (default mode and
+backend inductor, or ``--compile-backend``). Compiled and eager are separate runs: in a compiled run
+every variant, the fine-tune baseline included, is compiled, and each variant's first step
+(compilation included) is reported with the graphs and graph breaks dynamo made for it.
 
 Step time: all variants live in one process. Each first runs ``--warmup`` steps, then ``--steps``
 rounds follow; in each round every variant runs one timed step (``time.perf_counter`` around the
-whole step), the starting variant rotating from round to round (ABC, BCA, CAB, ...) so that drift
-and cache effects hit all variants alike. Python's garbage collector is paused while timing. The
-report gives the median step time per variant (and the inter-quartile range), and the ratio
+whole step; on CUDA with ``torch.cuda.synchronize()`` before and after, so the time covers the
+step's kernels), the starting variant rotating from round to round (ABC, BCA, CAB, ...) so that
+drift and cache effects hit all variants alike. Python's garbage collector is paused while timing.
+The report gives the median step time per variant (and the inter-quartile range), and the ratio
 ``median(variant) / median(fine-tune)``. ``torch.set_num_threads(--threads)``, default: every core
 this process may run on.
 
-Peak memory: each variant runs in a fresh subprocess (this script with a private
+Peak memory on CUDA: one variant after the other, in this process, before the timed rounds:
+``torch.cuda.reset_peak_memory_stats``, ``max(1, --warmup)`` steps, then
+``torch.cuda.max_memory_allocated`` minus the memory allocated just before those steps (the
+caching allocator counts live tensors only, so the other variants' models are in the baseline).
+These steps are extra warm-up for the timing.
+
+Peak memory on the CPU: each variant runs in a fresh subprocess (this script with a private
 ``--_memory-worker`` flag), with the same model, batch and thread count. The worker builds the model
 and variant, optimiser and batch, runs ``gc.collect()`` and glibc ``malloc_trim(0)``, records the
 resident set size ``VmRSS`` as the baseline and resets the process's peak RSS by writing ``5`` to
@@ -45,15 +63,17 @@ resident set size ``VmRSS`` as the baseline and resets the process's peak RSS by
 gradients, optimiser momentum, the effective branch weights, allocator slack), not counting the model
 itself. Where ``clear_refs`` cannot be written, the peak is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
 after the steps instead, which also covers any higher peak while the model was built (the method
-used is printed). The ratio is ``increase(variant) / increase(fine-tune)``. With ``--smoke`` the
-memory is measured in this process, one variant after the other (fast, but the numbers are not
-comparable: the allocator reuses memory freed by earlier variants), over one step.
+used is printed). With ``--smoke`` the CPU memory is measured in this process, one variant after
+the other (fast, but the numbers are not comparable: the allocator reuses memory freed by earlier
+variants), over one step. On either device the ratio is ``increase(variant) / increase(fine-tune)``.
 
 Run (from the repository root)::
 
-    python benchmarks/step_time.py                      # resnet18, 64 px, batch 32, 20 steps
+    python benchmarks/step_time.py                      # CPU when no GPU: resnet18, 64 px, batch 32, 20 steps
     python benchmarks/step_time.py --markdown           # + a Markdown section for benchmarks/RESULTS.md
     python benchmarks/step_time.py --variants fine-tune,branch-cross,naive-cross --steps 50
+    python benchmarks/step_time.py --device cuda --precision bf16 --channels-last --model resnet50 \\
+        --img-size 224 --batch-size 128 --steps 30 --warmup 5 [--compile]
     python benchmarks/step_time.py --smoke              # a few-step check that everything runs
 
 Targets (GPU speed issue): ``branch-1x1`` <= 0.80, ``branch-cross`` <= 0.90, ``branch-full`` <= 1.00
@@ -64,14 +84,10 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import datetime
 import gc
 import json
 import os
-import platform
 import resource
-import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -80,12 +96,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+import _common as common
+
 SHAPES = ("1x1", "cross", "full")
 BASELINE = "fine-tune"
 ALL_VARIANTS = (BASELINE, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
 TARGETS = {"1x1": 0.80, "cross": 0.90, "full": 1.00}
 """Step time of ``branch-<shape>`` over fine-tuning that the GPU speed issue asks for."""
 _MEMORY_MARKER = "MEMORY_RESULT "
+_GPU_ZERO_INIT_TOLERANCE = 1e-2
+"""Largest zero-init output difference accepted on a GPU, relative to the largest output."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,13 +213,6 @@ def _train_mode(model: nn.Module, variant: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_base(model_name: str, seed: int) -> nn.Module:
-    import timm
-
-    torch.manual_seed(seed)
-    return timm.create_model(model_name, pretrained=False)
-
-
 def build_variant(model: nn.Module, variant: str) -> list[nn.Parameter]:
     """Turn ``model`` (in place) into ``variant``; return the parameters the optimiser updates."""
     import timm_branch
@@ -220,7 +233,8 @@ def build_variant(model: nn.Module, variant: str) -> list[nn.Parameter]:
 
 
 def check_zero_init(base: nn.Module, model: nn.Module, variant: str, x: torch.Tensor) -> float:
-    """Max |difference| of ``forward_features`` between ``model`` and ``base`` (both in eval mode)."""
+    """Max |difference| of ``forward_features`` between ``model`` and ``base`` (both in eval mode,
+    float32): zero on the CPU, within :data:`_GPU_ZERO_INIT_TOLERANCE` of the largest output elsewhere."""
     base.eval()
     model.eval()
     with torch.no_grad():
@@ -228,7 +242,8 @@ def check_zero_init(base: nn.Module, model: nn.Module, variant: str, x: torch.Te
         out = model.forward_features(x)
     _train_mode(model, variant)
     diff = (out - ref).abs().max().item()
-    if not torch.equal(out, ref):
+    exact = x.device.type == "cpu"
+    if (exact and not torch.equal(out, ref)) or diff > _GPU_ZERO_INIT_TOLERANCE * ref.abs().max().item():
         raise AssertionError(f"{variant}: output differs from the base model at zero init (max |diff| {diff:.3g})")
     return diff
 
@@ -236,9 +251,9 @@ def check_zero_init(base: nn.Module, model: nn.Module, variant: str, x: torch.Te
 def check_naive_alignment(model: nn.Module) -> None:
     """Check that each naive branch is the conv-kernel delta it stands for.
 
-    For every :class:`_NaiveBranchConv` (on a copy, with random branch weights), ``conv(x) +
-    sum(branch(x))`` must equal one conv whose weight is ``W`` plus the branch kernels placed on the
-    centre taps, i.e. the weight-space branch of the same shape.
+    For every :class:`_NaiveBranchConv` (on a float32 CPU copy, with random branch weights),
+    ``conv(x) + sum(branch(x))`` must equal one conv whose weight is ``W`` plus the branch kernels
+    placed on the centre taps, i.e. the weight-space branch of the same shape.
     """
     import torch.nn.functional as F
 
@@ -246,7 +261,7 @@ def check_naive_alignment(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, _NaiveBranchConv):
             continue
-        wrapper = copy.deepcopy(module)
+        wrapper = copy.deepcopy(module).to("cpu", torch.float32)
         conv = wrapper.conv
         kh, kw = conv.kernel_size
         weight = conv.weight.detach().clone()
@@ -266,50 +281,43 @@ def check_naive_alignment(model: nn.Module) -> None:
             raise AssertionError(f"naive {wrapper.shape} branch of {name} is not its centre-aligned kernel delta ({diff})")
 
 
-def make_step(model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, lr: float, momentum: float) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = model.forward_features(x).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def make_batch(args: argparse.Namespace) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    return torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
-
-
-# --------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------
+def prepare_variant(args: argparse.Namespace, base: nn.Module, variant: str, x: torch.Tensor,
+                    check: bool) -> tuple[Callable[[], None], int]:
+    """A copy of ``base`` turned into ``variant`` (checked, then compiled if asked); its training
+    step and its number of trainable parameters."""
+    model = copy.deepcopy(base)
+    params = build_variant(model, variant)
+    if check:
+        if variant != BASELINE:
+            check_zero_init(base, model, variant, x[: min(2, len(x))])
+        if variant.startswith("naive-"):
+            check_naive_alignment(model)
+    if args.compile:
+        common.compile_features(model, args.compile_backend)
+    step = common.make_train_step(model, params, x, args.lr, args.momentum, args.precision)
+    return step, sum(p.numel() for p in params)
 
 
-def time_variants(steps: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        gc.enable()
-    return times
+def first_steps(steps: dict[str, Callable[[], None]], sync: Callable[[], None]) -> dict[str, dict]:
+    """One step per variant, alone: its seconds (compilation included) and the graphs and graph
+    breaks dynamo made during it."""
+    info = {}
+    for name, step in steps.items():
+        graphs, breaks = common.compile_counters()
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        seconds = time.perf_counter() - t0
+        graphs_after, breaks_after = common.compile_counters()
+        info[name] = {"seconds": seconds, "graphs": graphs_after - graphs, "breaks": breaks_after - breaks}
+        print(f"  compiled {name}: first step {seconds:.1f} s, {graphs_after - graphs} graphs, "
+              f"{breaks_after - breaks} graph breaks", file=sys.stderr, flush=True)
+    return info
 
 
 # --------------------------------------------------------------------------------------------------
-# Peak memory
+# Peak memory on the CPU
 # --------------------------------------------------------------------------------------------------
 
 
@@ -357,14 +365,13 @@ def measure_peak(step: Callable[[], None], n_steps: int) -> dict[str, object]:
     return {"peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024, "method": method}
 
 
-def memory_worker(args: argparse.Namespace) -> None:
+def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
     """Body of the fresh subprocess: build one variant and measure its peak RSS increase."""
-    torch.set_num_threads(args.threads)
     variant = args._memory_worker
-    model = build_base(args.model, args.seed)
-    params = build_variant(model, variant)
-    x = make_batch(args)
-    step = make_step(model, params, x, args.lr, args.momentum)
+    base = common.build_model(args.model, args.seed, device, args.channels_last)
+    x = common.make_batch(args.batch_size, args.img_size, args.seed, device, args.channels_last)
+    step, _ = prepare_variant(args, base, variant, x, check=False)
+    del base
     result = measure_peak(step, args.warmup + args.steps)
     result["variant"] = variant
     print(_MEMORY_MARKER + json.dumps(result), flush=True)
@@ -373,9 +380,11 @@ def memory_worker(args: argparse.Namespace) -> None:
 def memory_in_subprocesses(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
     results = {}
     forwarded = [
-        "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+        "--device", "cpu", "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
         "--lr", str(args.lr), "--momentum", str(args.momentum), "--seed", str(args.seed),
+        "--precision", args.precision, "--compile-backend", args.compile_backend,
+        *(["--channels-last"] if args.channels_last else []), *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     for variant in variants:
         cmd = [sys.executable, os.path.abspath(__file__), "--_memory-worker", variant, *forwarded]
@@ -393,77 +402,25 @@ def memory_in_subprocesses(args: argparse.Namespace, variants: list[str]) -> dic
 # --------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(args: argparse.Namespace) -> dict[str, str]:
-    import timm
-
-    cores = os.cpu_count()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = cores
-    return {
-        "cpu": cpu_model(),
-        "cores": f"{cores} logical cores ({usable} usable by this process), {args.threads} torch thread{'' if args.threads == 1 else 's'}",
-        "versions": f"torch {torch.__version__}, timm {timm.__version__}, Python {platform.python_version()}",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + shlex.join([os.path.relpath(sys.argv[0]) if sys.argv[0] else "step_time.py", *sys.argv[1:]]),
-    }
-
-
 def build_rows(variants, times, memory, n_params) -> list[dict]:
-    base_t = statistics.median(times[BASELINE])
-    base_m = memory[BASELINE]["peak_mib"] if memory else None
+    base_t = common.median_iqr(times[BASELINE])[0]
+    base_m = memory[BASELINE] if memory else None
     rows = []
     for v in variants:
-        t = sorted(times[v])
-        q = statistics.quantiles(t, n=4) if len(t) >= 2 else [t[0], t[0], t[0]]
-        med = statistics.median(t)
-        row = {
+        med, q1, q3 = common.median_iqr(times[v])
+        rows.append({
             "variant": v,
             "params": n_params[v],
             "median_ms": med * 1e3,
-            "iqr_ms": (q[0] * 1e3, q[2] * 1e3),
+            "iqr_ms": (q1 * 1e3, q3 * 1e3),
             "time_ratio": med / base_t,
-            "mem_mib": memory[v]["peak_mib"] if memory else None,
-            "mem_ratio": (memory[v]["peak_mib"] / base_m) if memory and base_m and base_m > 0 else None,
-        }
-        rows.append(row)
+            "mem_mib": memory[v] if memory else None,
+            "mem_ratio": memory[v] / base_m if memory and base_m and base_m > 0 else None,
+        })
     medians = {r["variant"]: r["median_ms"] for r in rows}
     for row in rows:
         row["target"] = _target(row, medians)
     return rows
-
-
-def _fmt(value, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def print_text(rows: list[dict], info: dict[str, str], setup: str, memory_method: str) -> None:
-    print(f"\n{setup}")
-    print(f"{info['cpu']}; {info['cores']}; {info['versions']}")
-    print(f"peak memory: {memory_method}\n")
-    header = f"{'variant':<13} {'trainable':>11} {'median ms':>10} {'IQR ms':>17} {'time x':>7} {'peak MiB':>9} {'mem x':>6}  target"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        iqr = f"{r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f}"
-        print(
-            f"{r['variant']:<13} {r['params']:>11,} {r['median_ms']:>10.1f} {iqr:>17} {r['time_ratio']:>7.3f} "
-            f"{_fmt(r['mem_mib'], '>9.1f'):>9} {_fmt(r['mem_ratio'], '>6.2f'):>6}  {r['target']}"
-        )
-    print()
-    print(_verdict(rows))
 
 
 def _target(row: dict, medians: dict[str, float]) -> str:
@@ -488,22 +445,25 @@ def _verdict(rows: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def print_markdown(rows: list[dict], info: dict[str, str], setup: str, memory_method: str) -> None:
-    print("\n## CPU step time, tap-only backward\n")
-    print(f"- Machine: {info['cpu']}, {info['cores']}")
-    print(f"- Software: {info['versions']}")
-    print(f"- Date: {info['date']}")
-    print(f"- Command: `{info['command']}`")
-    print(f"- Setup: {setup}")
-    print(f"- Peak memory: {memory_method}\n")
-    print("| variant | trainable params | step time, median (ms) | IQR (ms) | time vs fine-tune | peak RSS increase (MiB) | memory vs fine-tune | target |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+def table(rows: list[dict], compiled: dict[str, dict] | None, markdown: bool) -> str:
+    headers = ["variant", "trainable params", "step time, median (ms)", "IQR (ms)", "time vs fine-tune",
+               "peak memory increase (MiB)", "memory vs fine-tune", "target"]
+    if not markdown:
+        headers = ["variant", "trainable", "median ms", "IQR ms", "time x", "peak MiB", "mem x", "target"]
+    if compiled:
+        headers += ["first step (s)", "graphs", "graph breaks"] if markdown else ["1st step s", "graphs", "breaks"]
+    cells = []
     for r in rows:
-        print(
-            f"| {r['variant']} | {r['params']:,} | {r['median_ms']:.1f} | {r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | "
-            f"{r['time_ratio']:.3f}x | {_fmt(r['mem_mib'], '.1f')} | {_fmt(r['mem_ratio'], '.2f', '-')}{'x' if r['mem_ratio'] is not None else ''} | {r['target']} |"
-        )
-    print(f"\n{_verdict(rows)}.")
+        row = [r["variant"], f"{r['params']:,}", f"{r['median_ms']:.2f}", f"{r['iqr_ms'][0]:.2f}-{r['iqr_ms'][1]:.2f}",
+               f"{r['time_ratio']:.3f}x", common.fmt(r["mem_mib"], ".1f"),
+               common.fmt(r["mem_ratio"], ".2f") + ("x" if r["mem_ratio"] is not None else ""), r["target"]]
+        if compiled:
+            c = compiled[r["variant"]]
+            row += [f"{c['seconds']:.1f}", str(c["graphs"]), str(c["breaks"])]
+        cells.append(row)
+    if not markdown:
+        return common.text_table(headers, cells)
+    return common.markdown_table(headers, cells, align="lrrrrrrl" + "rrr" * bool(compiled))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -512,33 +472,23 @@ def print_markdown(rows: list[dict], info: dict[str, str], setup: str, memory_me
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    try:
-        default_threads = len(os.sched_getaffinity(0))
-    except AttributeError:
-        default_threads = os.cpu_count() or 1
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18", help="timm model name, built with pretrained=False (default resnet18)")
     p.add_argument("--img-size", type=int, default=64, help="square input size in pixels (default 64)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (rounds) per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant (default 3)")
-    p.add_argument("--threads", type=int, default=None, help=f"torch.set_num_threads (default: all usable cores, {default_threads}; 1 with --smoke)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {','.join(ALL_VARIANTS)}; {BASELINE} is always added")
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--profile", action="store_true", help="after timing, print a torch.profiler summary of a few steps per variant")
-    p.add_argument("--markdown", action="store_true", help="also print a Markdown section for benchmarks/RESULTS.md")
-    p.add_argument("--smoke", action="store_true", help="quick check that everything runs: 32 px, batch 4, no warm-up, 2 steps, 1 thread unless --threads, memory in-process over 1 step")
+    p.add_argument("--smoke", action="store_true", help="quick check that everything runs: 32 px, batch 4, no warm-up, 2 steps, 1 thread unless --threads, CPU memory in-process over 1 step")
     p.add_argument("--_memory-worker", dest="_memory_worker", default=None, help=argparse.SUPPRESS)
+    common.add_run_options(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.img_size, args.batch_size, args.steps, args.warmup = 32, 4, 2, 0
-    if args.threads is None:
-        # One thread for the smoke check: on a busy machine OpenMP threads that wait for each other
-        # can make a step ten times slower.
-        args.threads = 1 if args.smoke else default_threads
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
@@ -546,71 +496,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if BASELINE not in variants:
         variants.insert(0, BASELINE)
     args.variant_list = list(dict.fromkeys(variants))
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        p.error("--steps and --threads must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1, --warmup >= 0")
     return args
 
 
-def profile_step(name: str, step: Callable[[], None], n: int = 3) -> None:
+def profile_step(name: str, step: Callable[[], None], device: torch.device, n: int = 3) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(n):
             step()
     print(f"\n=== profile: {name} ({n} steps) ===")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=12))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    device = common.setup_run(args)
     if args._memory_worker:
-        memory_worker(args)
+        memory_worker(args, device)
         return 0
-    torch.set_num_threads(args.threads)
+    sync = common.synchronizer(device)
     variants = args.variant_list
-    base = build_base(args.model, args.seed)
-    x = make_batch(args)
-    check_x = x[: min(2, len(x))]
+    base = common.build_model(args.model, args.seed, device, args.channels_last)
+    x = common.make_batch(args.batch_size, args.img_size, args.seed, device, args.channels_last)
     steps, n_params = {}, {}
     for v in variants:
-        model = copy.deepcopy(base)
-        params = build_variant(model, v)
-        if v != BASELINE:
-            check_zero_init(base, model, v, check_x)
-        if v.startswith("naive-"):
-            check_naive_alignment(model)
-        n_params[v] = sum(p.numel() for p in params)
-        steps[v] = make_step(model, params, x, args.lr, args.momentum)
-    print(f"timing {len(variants)} variants: {args.warmup} warm-up + {args.steps} interleaved steps each ...", file=sys.stderr, flush=True)
-    times = time_variants(steps, args.warmup, args.steps)
+        steps[v], n_params[v] = prepare_variant(args, base, v, x, check=True)
+    del base
+    compiled = first_steps(steps, sync) if args.compile else None
 
-    memory: dict[str, dict] | None = None
+    memory: dict[str, float] | None = None
     memory_method = "not measured (--no-memory)"
-    if not args.no_memory:
+    if not args.no_memory and device.type == "cuda":
+        n = max(1, args.warmup)
+        memory = {v: common.cuda_peak_increase(steps[v], n, device) for v in variants}
+        memory_method = common.CUDA_MEMORY_METHOD.format(n=n)
+    print(f"timing {len(variants)} variants: {args.warmup} warm-up + {args.steps} interleaved steps each ...", file=sys.stderr, flush=True)
+    times = common.time_interleaved(steps, args.warmup, args.steps, sync)
+    if not args.no_memory and device.type == "cpu":
         if args.smoke:
-            memory = {v: measure_peak(steps[v], 1) for v in variants}
+            memory = {v: measure_peak(steps[v], 1)["peak_mib"] for v in variants}
             memory_method = "in-process, one variant after another (--smoke: not comparable)"
         else:
-            memory = memory_in_subprocesses(args, variants)
-            how = {m["method"] for m in memory.values()}
+            measured = memory_in_subprocesses(args, variants)
+            memory = {v: m["peak_mib"] for v, m in measured.items()}
+            how = {m["method"] for m in measured.values()}
             memory_method = (
                 f"peak RSS increase during {args.warmup + args.steps} steps, fresh process per variant "
                 f"({', '.join(sorted(how))}; baseline = VmRSS after building model, optimiser and batch)"
             )
     if args.profile:
         for v in variants:
-            profile_step(v, steps[v])
+            profile_step(v, steps[v], device)
 
+    mode = f"torch.compile (backend {args.compile_backend}) of forward_features" if args.compile else "eager"
     setup = (
-        f"{args.model} (pretrained=False), {args.img_size}x{args.img_size} px, batch {args.batch_size}, float32, "
+        f"{args.model} (pretrained=False), {args.img_size}x{args.img_size} px, batch {args.batch_size}, "
+        f"{args.precision}{' (autocast)' if args.precision == 'bf16' else ''}, "
+        f"{'channels_last' if args.channels_last else 'contiguous (NCHW)'}, {mode}; "
         f"loss = mean(forward_features(x)^2), SGD(lr={args.lr}, momentum={args.momentum}); "
         f"{args.warmup} warm-up + {args.steps} timed steps per variant, interleaved"
     )
-    info = machine_info(args)
+    info = common.machine_info(device, args.threads)
     rows = build_rows(variants, times, memory, n_params)
-    print_text(rows, info, setup, memory_method)
-    if args.markdown:
-        print_markdown(rows, info, setup, memory_method)
+    common.print_header(setup, info, f"peak memory: {memory_method}")
+    print(table(rows, compiled, markdown=False))
+    print("\n" + _verdict(rows))
+    title = common.section_title(device, "step time", f"{args.model}, {args.img_size} px", args)
+    facts = {"Setup": setup, "Peak memory": memory_method}
+    common.emit_markdown(common.markdown_section(title, info, facts, table(rows, compiled, markdown=True), _verdict(rows) + "."), args.markdown)
     return 0
 
 

@@ -1,18 +1,104 @@
-"""The benchmark scripts still run (their --smoke mode); the figures themselves live in RESULTS.md."""
+"""The benchmark scripts still run (their --smoke mode, on the CPU) and print their ratio lines, and
+benchmarks/gpu_all.sh only calls scripts and options that exist; the figures live in RESULTS.md."""
 from __future__ import annotations
 
+import importlib
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+RATIO = r"\d+\.\d{2,3}x"
 
 
-def test_step_time_smoke():
+def run_script(name: str, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--smoke"],
+        [sys.executable, str(BENCHMARKS / name), *args],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for variant in ("fine-tune", "branch-1x1", "branch-cross", "branch-full", "naive-cross"):
-        assert variant in result.stdout
+    return result.stdout
+
+
+def test_step_time_smoke(tmp_path):
+    md = tmp_path / "results.md"
+    out = run_script("step_time.py", "--smoke", "--markdown", str(md))
+    for variant in ("fine-tune", "branch-1x1", "branch-cross", "branch-full", "naive-1x1", "naive-cross", "naive-full"):
+        # name, trainable parameters, median, IQR, time ratio, peak MiB, memory ratio
+        assert re.search(rf"^{variant}\s+[\d,]+\s+[\d.]+\s+[\d.]+-[\d.]+\s+{RATIO}\s+[\d.-]+\s+{RATIO}", out, re.M), out
+    assert re.search(r"^fine-tune\s.*\s1\.000x\s", out, re.M), out
+    assert re.search(r"^(targets met for|NOT met for): branch-", out, re.M), out
+    section = md.read_text()
+    assert section.lstrip().startswith("## CPU step time: resnet18, 32 px, fp32, eager"), section
+    assert "| branch-cross | 6,277,568 |" in section and "- Command: `python benchmarks/step_time.py --smoke" in section
+
+
+def test_step_time_device_options_on_cpu():
+    out = run_script("step_time.py", "--smoke", "--variants", "fine-tune", "--channels-last", "--compile",
+                     "--compile-backend", "eager", "--no-memory")
+    assert "channels_last, torch.compile (backend eager) of forward_features" in out, out
+    # variant ... time ratio ... first step seconds, graphs (at least one), graph breaks
+    assert re.search(r"^fine-tune\s.*\s1\.000x\s.*\s[\d.]+\s+[1-9]\d*\s+\d+$", out, re.M), out
+
+
+def test_pipeline_smoke(tmp_path):
+    md = tmp_path / "results.md"
+    out = run_script("pipeline.py", "--smoke", "--markdown", str(md))
+    for method in ("simclr", "byol"):
+        assert re.search(
+            rf"^{method}: pipeline share -?\d+\.\d% of the full step, target (ok|OVER) \(<= 10%\); "
+            rf"[\d,]+ images/s = {RATIO} the 1.4k anchor", out, re.M), out
+    section = md.read_text()
+    assert "## CPU data-pipeline share and throughput: resnet18, 32 px" in section and "| byol |" in section, section
+
+
+def test_merge_time_smoke(tmp_path):
+    md = tmp_path / "results.md"
+    out = run_script("merge_time.py", "--smoke", "--markdown", str(md))
+    assert re.search(r"^resnet18: add_branches = \d+\.\d\d training steps, merge_branches = \d+\.\d\d training steps$", out, re.M), out
+    assert re.search(rf"^\| resnet18 \| 20 \| [\d.]+ \| [\d.]+ \| [\d.-]+ \| {RATIO} \| [\d.]+ \| [\d.-]+ \| {RATIO} \|$", md.read_text(), re.M)
+
+
+@pytest.mark.slow
+def test_step_time_compiled_branch_smoke():
+    """dynamo and AOTAutograd through the branched conv (what the GPU script's compiled runs need)."""
+    out = run_script("step_time.py", "--smoke", "--variants", "fine-tune,branch-cross", "--precision", "bf16",
+                     "--channels-last", "--compile", "--compile-backend", "aot_eager", "--no-memory")
+    assert re.search(rf"^branch-cross\s.*\s{RATIO}\s.*\s[\d.]+\s+[1-9]\d*\s+\d+$", out, re.M), out
+
+
+def test_gpu_all_is_valid_bash():
+    result = subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu_all.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def gpu_all_commands(out_dir: Path) -> list[list[str]]:
+    """The commands gpu_all.sh would run, as its DRY_RUN mode prints them (interpreter first)."""
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(out_dir)}
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_all.sh")], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("DRY-RUN ")]
+    assert not out_dir.exists(), "a dry run must not write outputs"
+    return [shlex.split(ln)[1:] for ln in lines]
+
+
+def test_gpu_all_calls_existing_scripts_and_options(tmp_path, monkeypatch):
+    commands = gpu_all_commands(tmp_path / "gpu-results")
+    scripts = {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
+    called = {Path(cmd[1]).name for cmd in commands}
+    assert called == scripts, f"gpu_all.sh calls {sorted(called)}; the benchmark scripts are {sorted(scripts)}"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for cmd in commands:
+        assert (ROOT / cmd[1]).is_file(), cmd
+        assert "--device" in cmd and cmd[cmd.index("--device") + 1] == "cuda", cmd
+        module = importlib.import_module(Path(cmd[1]).stem)
+        try:
+            module.parse_args(cmd[2:])
+        except SystemExit as err:  # argparse rejects an unknown option or a bad value
+            pytest.fail(f"{shlex.join(cmd)}: the script's options reject it (exit {err.code})")

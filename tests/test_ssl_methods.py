@@ -167,6 +167,7 @@ def test_swav_prototypes_normalised_frozen_and_queue():
     method.zero_grad(set_to_none=True)
     run(method)[0].loss.backward()
     assert method.prototypes.weight.grad is None
+    assert method.prototypes.weight.requires_grad  # the optimiser's parameters never change
     method.on_epoch_start(2)
     run(method)[0].loss.backward()
     assert method.prototypes.weight.grad is not None

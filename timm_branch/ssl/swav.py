@@ -91,8 +91,9 @@ class SwAV(SSLMethod):
     Epoch hook (:meth:`on_epoch_start`, optional, epochs counted from 0 within each task as in
     CaSSLe, where every task is a fresh run):
 
-    - the prototypes get ``requires_grad=False`` while ``epoch < freeze_prototypes_epochs``
-      (so their gradient stays ``None`` and the optimiser skips them) and ``True`` afterwards;
+    - while ``epoch < freeze_prototypes_epochs`` the scores use detached prototypes (so their
+      gradient stays ``None`` and the optimiser skips them); ``requires_grad`` never changes, so
+      the set of trainable parameters, and an optimiser state saved in any epoch, stay the same;
     - the queue enters the codes from ``epoch_queue_starts`` on (only filled rows are used).
 
     Without the hook, prototypes always train and the queue is never used. The queue is filled
@@ -115,10 +116,11 @@ class SwAV(SSLMethod):
         self.register_buffer("queue", torch.zeros(2, r.queue_size or 0, r.proj_output_dim))
         self.register_buffer("queue_len", torch.zeros(1, dtype=torch.long))
         self.use_queue = False
+        self.prototypes_frozen = False
 
     def on_epoch_start(self, epoch: int) -> None:
         r = self.recipe
-        self.prototypes.requires_grad_(epoch >= (r.freeze_prototypes_epochs or 0))
+        self.prototypes_frozen = epoch < (r.freeze_prototypes_epochs or 0)
         self.use_queue = bool(r.queue_size) and r.epoch_queue_starts is not None and epoch >= r.epoch_queue_starts
 
     def _forward(self, feats, momentum_feats):
@@ -126,12 +128,18 @@ class SwAV(SSLMethod):
             self.prototypes.normalize_()
         z = [self.projector(f) for f in feats]
         zn = [F.normalize(v, dim=1) for v in z]
-        scores = [self.prototypes(v) for v in zn]
+        scores = [self._scores(v) for v in zn]
         codes = self._codes(scores)
         loss = swav_loss(scores, codes, self.recipe.temperature)
         if self.training and self.queue.shape[1]:
             self._enqueue(torch.stack([v.detach() for v in zn]))
         return SSLOutput(loss=loss, z=z)
+
+    def _scores(self, zn: Tensor) -> Tensor:
+        """Cosine scores ``(B, num_prototypes)`` of normalised projections ``zn`` ``(B, D)``."""
+        if self.prototypes_frozen:
+            return F.linear(zn, self.prototypes.weight.detach())
+        return self.prototypes(zn)
 
     @torch.no_grad()
     def _codes(self, scores: list[Tensor]) -> list[Tensor]:

@@ -202,18 +202,21 @@ class MinibatchCKA:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every batch seen so far."""
         self.hsic_xy = 0.0
         self.hsic_xx = 0.0
         self.hsic_yy = 0.0
         self.batches = 0
 
     def update(self, X: Tensor, Y: Tensor) -> None:
+        """Add one minibatch of features ``X`` ``(n, ...)`` and ``Y`` ``(n, ...)`` of the same ``n > 3`` samples."""
         X, Y = _flat(X, "X"), _flat(Y, "Y")
         if X.shape[0] != Y.shape[0]:
             raise ValueError(f"X and Y must hold the same samples, got n = {X.shape[0]} and {Y.shape[0]}")
         self.update_grams(gram_linear(X), gram_linear(Y))
 
     def update_grams(self, K: Tensor, L: Tensor) -> None:
+        """Add one minibatch given as Gram matrices ``K``, ``L`` ``(n, n)`` of the same ``n > 3`` samples."""
         _check_gram(K, "K")
         _check_gram(L, "L")
         if K.shape != L.shape:
@@ -294,6 +297,7 @@ class CKAResult:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "CKAResult":
+        """The result :meth:`to_dict` wrote."""
         return cls(
             layers=list(data["layers"]),
             types=list(data["types"]),

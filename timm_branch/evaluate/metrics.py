@@ -227,12 +227,15 @@ class TaskEvaluation:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def per_task(self, probe: str) -> list[float] | None:
+        """Top-1 per task (fractions in [0, 1]) of ``probe`` (``"knn"`` or ``"linear"``), or ``None``."""
         return getattr(self, f"{_probe(probe)}_per_task")
 
     def top1(self, probe: str) -> float | None:
+        """All-class top-1 (a fraction in [0, 1]) of ``probe`` (``"knn"`` or ``"linear"``), or ``None``."""
         return getattr(self, f"{_probe(probe)}_top1")
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` reads it back."""
         return {
             "task": self.task,
             "knn_top1": self.knn_top1,
@@ -244,6 +247,7 @@ class TaskEvaluation:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TaskEvaluation":
+        """The evaluation :meth:`to_dict` wrote."""
         return cls(
             task=int(data["task"]),
             knn_top1=data.get("knn_top1"),

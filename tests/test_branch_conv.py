@@ -12,6 +12,7 @@ from timm_branch.branch import _branched_forward, attach_branch, get_branch, tap
 from timm_branch.branch_conv import tap_boxes
 
 from conftest import max_rel_err
+from test_branch import _convs
 
 
 @pytest.mark.parametrize("kernel, shape", [((3, 3), "1x1"), ((3, 3), "cross"), ((5, 5), "cross"), ((4, 4), "cross"),
@@ -33,13 +34,9 @@ def test_boxes_refuse_taps_that_are_not_a_centre_cross():
 
 
 def _geometries():
-    torch.manual_seed(0)
+    shared = _convs()  # the branch tests' plain geometries, plus the cases of the tap arithmetic
     return {
-        "plain": nn.Conv2d(4, 6, 3, padding=1),
-        "strided": nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
-        "dilated": nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
-        "grouped": nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False),
-        "depthwise": nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False),
+        **{name: shared[name] for name in ("plain", "strided", "dilated", "grouped", "depthwise")},
         "even": nn.Conv2d(4, 6, 4, padding=1),
         "unpadded": nn.Conv2d(4, 6, 3),
         "5x5/2": nn.Conv2d(4, 6, 5, stride=2, padding=2),

@@ -173,3 +173,14 @@ def test_attach_twice_and_merge_without_branch_are_refused():
     merge_branch(conv)
     with pytest.raises(ValueError, match="no branch to merge"):
         merge_branch(conv)
+
+
+@pytest.mark.parametrize("shape", ["1x1", "cross", "full"])
+def test_branch_state_lives_on_the_weights_device(shape):
+    """Attached to a conv already on an accelerator, the tap index must follow it (a CPU index
+    broke every branched forward on CUDA). The meta device stands in for CUDA here."""
+    conv = nn.Conv2d(4, 6, 3, padding=1, device="meta")
+    attach_branch(conv, shape)
+    branch = get_branch(conv)
+    assert {t.device.type for t in (*branch.parameters(), *branch.buffers())} == {"meta"}
+    assert conv.weight.device.type == "meta"  # W + delta computed on the device

@@ -90,7 +90,7 @@ class ConvBranch(nn.Module):
         # Kernel taps are the innermost dimension of every timm/PyTorch conv weight layout.
         self._grid = (*_lead_shape(weight, self.kernel_size), kernel_numel)
         n_taps = kernel_numel if taps is None else len(taps)
-        self.register_buffer("taps", taps, persistent=False)
+        self.register_buffer("taps", None if taps is None else taps.to(weight.device), persistent=False)
         # The tap-only backward's boxes; none when the branch has every tap (a 1x1 kernel, "full").
         self.boxes, self.runs = (None, None) if n_taps == kernel_numel else tap_boxes(self.kernel_size, taps)
         self.branch = nn.Parameter(weight.new_zeros(*self._grid[:-1], n_taps))

@@ -135,6 +135,21 @@ def test_bf16_autocast_runs_the_convolution_as_autocast_would():
         assert max_rel_err(g, e) < 2e-2
 
 
+def test_the_autocast_query_for_cpu_and_cuda_is_one_dynamo_traces(monkeypatch):
+    """torch.amp.is_autocast_available is opaque to dynamo before torch 2.13: calling it in the
+    branched forward cost a graph break per conv under torch.compile (seen on torch 2.11, H200)."""
+    def opaque(device_type):
+        raise AssertionError(f"is_autocast_available({device_type!r}) called")
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", opaque)
+    conv = nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    attach_branch(conv, "cross")
+    x = torch.randn(1, 3, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.bfloat16
+    assert conv(x).dtype == torch.float32
+
+
 def test_channels_last_input_gives_the_same_gradients():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=1).double().requires_grad_(False)

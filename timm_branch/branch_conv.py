@@ -172,9 +172,11 @@ class BranchedConv(torch.autograd.Function):
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
+    # CPU and CUDA always have autocast; asking torch.amp.is_autocast_available about them would
+    # cost a graph break per conv under torch.compile in torch < 2.13 (dynamo cannot trace it).
+    if device not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: ConvGeometry) -> torch.Tensor:

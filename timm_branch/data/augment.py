@@ -310,6 +310,13 @@ class SSLAugment(nn.Module):
             raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1), persistent=False)
+        # Jitter factor ranges (brightness, contrast, saturation, hue) as buffers: building them per
+        # batch with torch.tensor(..., device="cuda") would copy from the host and wait for the GPU.
+        bs, cs, ss, hs = jitter
+        self.register_buffer("jitter_low", torch.tensor([max(0.0, 1 - bs), max(0.0, 1 - cs), max(0.0, 1 - ss), -hs]),
+                             persistent=False)
+        self.register_buffer("jitter_high", torch.tensor([1 + bs, 1 + cs, 1 + ss, hs]), persistent=False)
+        self.register_buffer("jitter_identity", torch.tensor([1.0, 1.0, 1.0, 0.0]), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -387,10 +394,7 @@ class SSLAugment(nn.Module):
         u_sigma = rand(batch)
         solarized = rand(batch) < self.solarize_p
 
-        bs, cs, ss, hs = self.jitter
-        lows = torch.tensor([max(0.0, 1 - bs), max(0.0, 1 - cs), max(0.0, 1 - ss), -hs], device=dev)
-        highs = torch.tensor([1 + bs, 1 + cs, 1 + ss, hs], device=dev)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=dev)
+        lows, highs, identity = (t.to(dev) for t in (self.jitter_low, self.jitter_high, self.jitter_identity))
         factors = torch.where(jittered[:, None], lows + (highs - lows) * u_jitter, identity)
         order = u_order.argsort().tolist() if self.jitter_order == "batch" else [0, 1, 2, 3]
         lo, hi = self.blur_sigma

@@ -28,6 +28,9 @@ class TrainConfig:
 
     A NaN or Inf loss stops the task (``nonfinite="stop"``), or, with ``nonfinite="skip"``, skips
     that step's update; ``nonfinite_limit`` non-finite steps in a row stop the task anyway.
+    ``"stop"`` reads losses back every 16 steps (no wait for the GPU in between), so the error may
+    come a few steps after the step it names, always before the epoch's checkpoint; ``"skip"``
+    checks each loss before its update, which costs one wait for the GPU per step.
     """
 
     model: str = "resnet18"

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ log = logging.getLogger("timm_branch.train")
 
 ONLINE_PROBE_LR = 0.1
 """Learning rate of the online linear probe (solo-learn's ``classifier_lr``), SGD momentum from the optimiser."""
+_READ_BACK_EVERY = 16
+"""Training steps between read-backs of their losses (each read-back waits for the GPU to catch up)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -302,40 +305,53 @@ class ContinualRun:
             bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
+            pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
             for step in bar:
                 chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 labels = None if self.labels is None else self.labels[chosen]
-                where = f"task {task}, epoch {epoch + 1}, step {step + 1}"
                 try:
-                    loss = self._step(learner, self.images[chosen], labels, gen, optimizer, scheduler, epoch * steps + step, total)
+                    pending.append(self._step(learner, self.images[chosen], labels, gen, optimizer, scheduler,
+                                              epoch * steps + step, total))
                 except torch.OutOfMemoryError as err:
-                    raise self._out_of_memory(where, err) from err
-                streak = self._count_nonfinite(loss, streak, where)
+                    raise self._out_of_memory(f"task {task}, epoch {epoch + 1}, step {step + 1}", err) from err
+                if len(pending) < _READ_BACK_EVERY and step + 1 < steps:
+                    continue
+                values = torch.stack(pending).float().cpu().tolist()  # one host sync per read-back
+                first = step + 2 - len(pending)  # 1-based step of values[0]
+                pending = []
+                for i, value in enumerate(values):
+                    streak = self._count_nonfinite(value, streak, f"task {task}, epoch {epoch + 1}, step {first + i}")
                 rate = (step + 1) * cfg.batch_size / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
-            log.info("task %d epoch %d/%d: loss %.4f", task, epoch + 1, cfg.epochs, loss.item())
+                bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.0f}")
+            log.info("task %d epoch %d/%d: loss %.4f", task, epoch + 1, cfg.epochs, values[-1])
             if distributed.is_main_process():  # every rank holds the same state; one writes it
-                self.tensorboard.log_epoch(task * cfg.epochs + epoch + 1, loss.item(), optimizer.param_groups[0]["lr"])
+                self.tensorboard.log_epoch(task * cfg.epochs + epoch + 1, values[-1], optimizer.param_groups[0]["lr"])
                 ckpt.write_checkpoint(
                     self.run_dir, task, epoch, ckpt.module_tensors(learner.trained()),
                     {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                 )
 
-    def _count_nonfinite(self, loss: torch.Tensor, streak: int, where: str) -> int:
+    def _count_nonfinite(self, loss: float, streak: int, where: str) -> int:
         """The number of non-finite steps in a row, ``loss``'s step included; raises
-        :class:`NonFiniteLossError` when the task must stop."""
-        if torch.isfinite(loss):
+        :class:`NonFiniteLossError` when the task must stop.
+
+        Losses are read back every few steps, not after each one (a read-back waits for the GPU), so
+        with ``nonfinite="stop"`` training may go on a few steps past a non-finite loss before the
+        error. Those steps change the weights in memory only: the error comes before the epoch's
+        checkpoint, and nothing non-finite is ever written.
+        """
+        if math.isfinite(loss):
             return 0
         cfg = self.config
         streak += 1
         if cfg.nonfinite == "stop" or streak >= cfg.nonfinite_limit:
             why = "" if cfg.nonfinite == "stop" else f" ({streak} non-finite steps in a row, --nonfinite-limit {cfg.nonfinite_limit})"
             raise NonFiniteLossError(
-                f"{where}: the loss is {loss.item()}{why}; the task stopped, the last checkpoint is intact. "
+                f"{where}: the loss is {loss}{why}; the task stopped, the last checkpoint is intact. "
                 "Lower --lr or check the data (--nonfinite skip skips such steps)."
             )
         log.warning("%s: the loss is %s; the update was skipped (%d in a row, the task stops at %d)",
-                    where, loss.item(), streak, cfg.nonfinite_limit)
+                    where, loss, streak, cfg.nonfinite_limit)
         return streak
 
     def _out_of_memory(self, where: str, err: torch.OutOfMemoryError) -> torch.OutOfMemoryError:
@@ -370,7 +386,9 @@ class ContinualRun:
             if learner.probe is not None:
                 # Detached features: the probe reads the representation without shaping it.
                 loss = loss + F.cross_entropy(learner.probe(feats[0].detach()), labels)
-        if not torch.isfinite(loss):
+        # Only "skip" looks at the loss before the update: that check waits for the GPU to finish the
+        # forward pass. "stop" reads losses back later, a few steps at a time (see _count_nonfinite).
+        if cfg.nonfinite == "skip" and not torch.isfinite(loss):
             # No update, but the schedule follows the step index; torch warns about exactly that
             # when a task's first steps are the skipped ones.
             with warnings.catch_warnings():

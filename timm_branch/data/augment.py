@@ -31,8 +31,10 @@ Differences from torchvision's per-image transforms, on purpose:
 - Jitter order: torchvision draws a random order of the four jitter operations for every image.
   With ``jitter_order="batch"`` (default) one random order is drawn per batch and shared by its
   samples: each sample's order is still uniform over the 24 permutations, as in torchvision,
-  but the samples of one batch are not independent in it. ``jitter_order="fixed"`` always applies
-  brightness, contrast, saturation, hue (no host synchronisation on GPU).
+  but the samples of one batch are not independent in it. The order must be known on the host;
+  when the draws are made on a GPU, it comes from torch's default CPU generator instead (which
+  the trainer seeds per epoch), since reading a GPU draw back would wait for the GPU.
+  ``jitter_order="fixed"`` always applies brightness, contrast, saturation, hue.
 - Hue is shifted in float HSV (RGB -> HSV -> RGB on tensors), like torchvision's tensor backend
   (its PIL backend works on 8-bit HSV). Intermediate values are clamped to [0, 1] after each
   operation, as torchvision does for float images.
@@ -121,7 +123,8 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv`: channel ``n`` in (R, G, B) is
     ``v - v s clamp(min(k, 4 - k), 0, 1)`` with ``k = (n' + 6 h) mod 6``, ``n'`` = 5, 3, 1."""
     h, s, v = x.unbind(dim=-3)
-    offsets = torch.tensor((5.0, 3.0, 1.0), dtype=x.dtype, device=x.device).reshape(3, 1, 1)
+    # (5, 3, 1), made on the device: torch.tensor(..., device=cuda) would copy from the host and wait.
+    offsets = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).reshape(3, 1, 1)
     k = (offsets + 6.0 * h.unsqueeze(-3)) % 6.0
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return v.unsqueeze(-3) - (v * s).unsqueeze(-3) * ramp
@@ -377,7 +380,9 @@ class SSLAugment(nn.Module):
                       device: torch.device | str = "cpu") -> AugmentParams:
         """Draw every random choice for a batch of ``batch`` images of ``height x width``.
 
-        The draws are always made, in a fixed sequence, whatever the probabilities are.
+        The draws are always made, in a fixed sequence, whatever the probabilities are. With a
+        generator (or, without one, ``device``) on a GPU, the batch's jitter order is drawn from
+        torch's default CPU generator (see the module docstring).
         """
         dev = torch.device(device)
 
@@ -388,7 +393,8 @@ class SSLAugment(nn.Module):
         flip = rand(batch) < self.flip_p
         jittered = rand(batch) < self.jitter_p
         u_jitter = rand(batch, 4)
-        u_order = rand(4)
+        on_cpu = (generator.device if generator is not None else dev).type == "cpu"
+        u_order = torch.rand(4, generator=generator if on_cpu else None)  # stays on the host
         gray = rand(batch) < self.gray_p
         blur = rand(batch) < self.blur_p
         u_sigma = rand(batch)

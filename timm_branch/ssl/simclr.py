@@ -34,7 +34,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = z @ z.T / temperature
     logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
-    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    positives = torch.arange(2 * b, device=z.device).roll(b)  # b..2b-1, 0..b-1, made on the device
     return F.cross_entropy(logits, positives)
 
 

@@ -135,19 +135,19 @@ class BranchedConv(torch.autograd.Function):
             bias = None if bias is None else bias.to(cast)
             with torch.autocast(x.device.type, enabled=False):
                 out = _conv(x, w_eff, bias, geometry)
-        # The operands as the convolution saw them: backward needs no second W + delta (on a GPU
-        # each small op is a launch the host pays for; the kept kernel is weight-sized).
-        ctx.save_for_backward(x, w_eff)
-        ctx.branch_like = (branch.shape, branch.dtype)
-        ctx.geometry, ctx.boxes, ctx.runs = geometry, boxes, runs
+        ctx.save_for_backward(x, weight, branch)
+        ctx.effective, ctx.geometry, ctx.boxes, ctx.runs, ctx.cast = effective, geometry, boxes, runs, cast
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w_eff = ctx.saved_tensors
+        x, weight, branch = ctx.saved_tensors
         g = ctx.geometry
-        branch_shape, branch_dtype = ctx.branch_like
+        # Recomputed rather than saved: one weight-sized op instead of a kept copy per conv.
+        w_eff = ctx.effective(weight)
+        if ctx.cast is not None:
+            w_eff = w_eff.to(ctx.cast)
         grad_out = grad_out.to(w_eff.dtype)
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         full = ctx.boxes is None
@@ -158,13 +158,13 @@ class BranchedConv(torch.autograd.Function):
             [need_x, full, need_bias],
         )
         if full:
-            grad_branch = grad_w.reshape(branch_shape)
+            grad_branch = grad_w.reshape(branch.shape)
         else:
             grad_branch = _tap_grad(grad_out, x, w_eff, g, ctx.boxes, ctx.runs)
         return (
             grad_x.to(x_dtype) if need_x else None,
             None,
-            grad_branch.to(branch_dtype),
+            grad_branch.to(branch.dtype),
             grad_bias.to(bias_dtype) if need_bias else None,
             None, None, None, None,
         )
@@ -215,8 +215,7 @@ def _window(x: torch.Tensor, box: TapBox, out_size: torch.Size, g: ConvGeometry)
         slices.append(slice(max(begin, 0), max(min(end, length), 0)))
         # Zeros for the window's pixels before the input and after it (a tap may read padding only).
         pads.append((max(min(end, 0) - begin, 0), max(end - max(begin, length), 0), stride))
-    whole = all(sl.start == 0 and sl.stop == x.shape[2 + axis] for axis, sl in enumerate(slices))
-    window = x if whole else x[(slice(None), slice(None), *slices)]
+    window = x[(slice(None), slice(None), *slices)]
     if all(0 <= before - after < stride for before, after, stride in pads):
         return window, tuple(before for before, _, _ in pads)
     # Otherwise pad explicitly, unequally before and after (F.pad takes the last axis first).

@@ -215,7 +215,8 @@ def _window(x: torch.Tensor, box: TapBox, out_size: torch.Size, g: ConvGeometry)
         slices.append(slice(max(begin, 0), max(min(end, length), 0)))
         # Zeros for the window's pixels before the input and after it (a tap may read padding only).
         pads.append((max(min(end, 0) - begin, 0), max(end - max(begin, length), 0), stride))
-    window = x[(slice(None), slice(None), *slices)]
+    whole = all(sl.start == 0 and sl.stop == x.shape[2 + axis] for axis, sl in enumerate(slices))
+    window = x if whole else x[(slice(None), slice(None), *slices)]
     if all(0 <= before - after < stride for before, after, stride in pads):
         return window, tuple(before for before, _, _ in pads)
     # Otherwise pad explicitly, unequally before and after (F.pad takes the last axis first).

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from timm_branch.data import sources
 from timm_branch.data import (
     DataSource,
     Split,
@@ -314,3 +315,20 @@ def test_shared_cifar100_npz_and_paper_split():
     assert first.classes == [11, 22, 39, 23, 42, 30, 78, 81, 64, 20, 29, 79, 15, 69, 86, 63, 55, 53, 73, 68]
     assert len(first.train) == 10000 and len(first.test) == 2000
     assert set(src.train.labels[first.train].tolist()) == set(first.classes)
+
+
+def test_load_folder_decodes_in_worker_processes_in_file_order(tmp_path, monkeypatch):
+    """Two DataLoader workers, two images per batch: the same tensor as decoding in this process,
+    and an unreadable file is still named by a plain ValueError of the loading process."""
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (5 + i, 9, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(sources, "_DECODE_CHUNK", 2)
+    here = load_folder(tmp_path, 6, workers=0).train.images
+    assert torch.equal(load_folder(tmp_path, 6, workers=2).train.images, here)
+    assert torch.equal(load_folder(tmp_path, 6).train.images, here)  # few files: decoded here
+    (tmp_path / "3.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match=r"^cannot read image .*3\.png"):
+        load_folder(tmp_path, 6, workers=2)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        load_folder(tmp_path, 6, workers=-1)

@@ -16,9 +16,11 @@
 #             estimated. The most important measurements come first.
 #   DRY_RUN=1 print each command instead of running it (tests/test_benchmarks.py checks them)
 #
-# Estimated on one H100 (not yet measured: see benchmarks/RESULTS.md): eager step_time about
-# 20 + 25 + 40 s, eager pipeline about 20 s, merge_time about 40 s, then the compiled runs take the
-# rest of the budget (about 30-60 s of compilation per compiled variant).
+# Measured on one H200 (2026-11-28, torch 2.11; benchmarks/RESULTS.md): eager step_time 23 + 23 +
+# 33 s, eager pipeline 28 s, merge_time 19 s; compiled step_time 103 s (resnet18, 32 px) and 135 s
+# (resnet50, 224 px), compiled pipeline 139 s, with dynamo's graph breaks of that time (since
+# fixed: fewer graphs should compile faster). Under the default budget the last compiled command
+# may be skipped; the summary says so.
 set -u -o pipefail
 
 OUT="${OUT:-./gpu-results}"
@@ -79,6 +81,8 @@ run step-resnet18-224-eager 120 benchmarks/step_time.py "${GPU[@]}" --model resn
 run step-resnet50-224-eager 150 benchmarks/step_time.py "${GPU[@]}" --model resnet50 --img-size 224 --batch-size 128 --warmup 5 --steps 30
 run pipeline-eager 120 benchmarks/pipeline.py "${GPU[@]}" --methods simclr,byol --batch-size 256 --warmup 5 --steps 30
 run merge-time 120 benchmarks/merge_time.py "${GPU[@]}" --models resnet18,resnet50 --img-size 224 --batch-size 128 --warmup 2 --rounds 10
+# Where a branch step's extra time goes (GPU kernels and host, torch.profiler), into the log.
+run profile-resnet18-224-eager 90 benchmarks/step_time.py "${GPU[@]}" --profile --no-memory --variants fine-tune,branch-1x1,branch-cross,naive-1x1 --model resnet18 --img-size 224 --batch-size 128 --warmup 3 --steps 10
 
 # Compiled (torch.compile, inductor): the baseline and the default branch shape, each compiled once.
 run step-resnet18-32-compiled 180 benchmarks/step_time.py "${GPU[@]}" --compile --variants fine-tune,branch-cross --model resnet18 --img-size 32 --batch-size 256 --warmup 5 --steps 30

@@ -41,8 +41,9 @@ def test_step_time_smoke(tmp_path):
 
 def test_step_time_device_options_on_cpu():
     out = run_script("step_time.py", "--smoke", "--variants", "fine-tune", "--channels-last", "--compile",
-                     "--compile-backend", "eager", "--no-memory")
+                     "--compile-backend", "eager", "--no-memory", "--profile")
     assert "channels_last, torch.compile (backend eager) of forward_features" in out, out
+    assert re.search(r"=== profile: fine-tune \(3 steps\) ===\n.*Self CPU", out, re.S), out
     # variant ... time ratio ... first step seconds, graphs (at least one), graph breaks
     assert re.search(r"^fine-tune\s.*\s1\.000x\s.*\s[\d.]+\s+[1-9]\d*\s+\d+$", out, re.M), out
 
@@ -53,7 +54,8 @@ def test_pipeline_smoke(tmp_path):
     for method in ("simclr", "byol"):
         assert re.search(
             rf"^{method}: pipeline share -?\d+\.\d% of the full step, target (ok|OVER) \(<= 10%\); "
-            rf"[\d,]+ images/s = {RATIO} the 1.4k anchor", out, re.M), out
+            rf"[\d,]+ images/s = {RATIO} the 1.4k anchor, target -; back to back [\d,]+ images/s; "
+            r"host syncs per step: not counted \(CUDA only\)$", out, re.M), out
     section = md.read_text()
     assert "## CPU data-pipeline share and throughput: resnet18, 32 px" in section and "| byol |" in section, section
 

@@ -82,7 +82,7 @@ run step-resnet50-224-eager 150 benchmarks/step_time.py "${GPU[@]}" --model resn
 run pipeline-eager 120 benchmarks/pipeline.py "${GPU[@]}" --methods simclr,byol --batch-size 256 --warmup 5 --steps 30
 run merge-time 120 benchmarks/merge_time.py "${GPU[@]}" --models resnet18,resnet50 --img-size 224 --batch-size 128 --warmup 2 --rounds 10
 # Where a branch step's extra time goes (GPU kernels and host, torch.profiler), into the log.
-run profile-resnet18-224-eager 90 benchmarks/step_time.py "${GPU[@]}" --profile --no-memory --variants fine-tune,branch-1x1,branch-cross,naive-1x1 --model resnet18 --img-size 224 --batch-size 128 --warmup 3 --steps 10
+run profile-resnet18-224-eager 90 benchmarks/step_time.py "${GPU[@]}" --profile --no-memory --variants fine-tune,frozen-bn,branch-1x1,branch-cross,naive-1x1 --model resnet18 --img-size 224 --batch-size 128 --warmup 3 --steps 10
 
 # Compiled (torch.compile, inductor): the baseline and the default branch shape, each compiled once.
 run step-resnet18-32-compiled 180 benchmarks/step_time.py "${GPU[@]}" --compile --variants fine-tune,branch-cross --model resnet18 --img-size 32 --batch-size 256 --warmup 5 --steps 30

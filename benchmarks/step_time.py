@@ -9,6 +9,9 @@ Variants (all on the same model weights and the same batch, the same loss and op
   One convolution per layer: the branch is a parametrization of the conv weight, ``W + delta``,
   and its backward computes the input gradient and the weight gradient of the branch taps only
   (``timm_branch.branch_conv.BranchedConv``), never the frozen kernel's full weight gradient.
+- ``frozen-bn`` (a diagnostic, no target): fine-tuning every conv and the other layers, with
+  BatchNorm frozen in eval mode as the branch variants have it; its ratio to ``fine-tune`` is what
+  the BatchNorm policy alone costs or saves.
 - ``naive-<shape>``: the reference the literature uses (ACNet-style parallel branch convs):
   every conv that ``timm_branch.find_conv_bn_pairs`` pairs is wrapped so that
   ``output = conv(x) + sum(branch_conv(x))`` with extra, bias-free, zero-initialised ``nn.Conv2d``
@@ -100,7 +103,8 @@ import _common as common
 
 SHAPES = ("1x1", "cross", "full")
 BASELINE = "fine-tune"
-ALL_VARIANTS = (BASELINE, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
+FROZEN_BN = "frozen-bn"
+ALL_VARIANTS = (BASELINE, FROZEN_BN, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
 TARGETS = {"1x1": 0.80, "cross": 0.90, "full": 1.00}
 """Step time of ``branch-<shape>`` over fine-tuning that the GPU speed issue asks for."""
 _MEMORY_MARKER = "MEMORY_RESULT "
@@ -198,11 +202,11 @@ def add_naive_branches(model: nn.Module, shape: str) -> list[nn.Parameter]:
 
 
 def _train_mode(model: nn.Module, variant: str) -> None:
-    """``model.train()``; for the naive reference, BatchNorm back in eval mode (frozen)."""
+    """``model.train()``; for the naive reference and ``frozen-bn``, BatchNorm back in eval mode."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     model.train()
-    if variant.startswith("naive-"):
+    if variant.startswith("naive-") or variant == FROZEN_BN:
         for module in model.modules():
             if isinstance(module, _BatchNorm):
                 module.eval()
@@ -221,6 +225,13 @@ def build_variant(model: nn.Module, variant: str) -> list[nn.Parameter]:
         for param in model.parameters():
             param.requires_grad_(True)
         params = list(model.parameters())
+    elif variant == FROZEN_BN:
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        frozen = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
+        params = [p for p in model.parameters() if id(p) not in frozen]
+        for param in model.parameters():
+            param.requires_grad_(id(param) not in frozen)
     elif variant.startswith("branch-"):
         timm_branch.add_branches(model, shape=variant.removeprefix("branch-"))
         params = list(timm_branch.branch_parameters(model))

@@ -29,7 +29,7 @@ def run_script(name: str, *args: str) -> str:
 def test_step_time_smoke(tmp_path):
     md = tmp_path / "results.md"
     out = run_script("step_time.py", "--smoke", "--markdown", str(md))
-    for variant in ("fine-tune", "branch-1x1", "branch-cross", "branch-full", "naive-1x1", "naive-cross", "naive-full"):
+    for variant in ("fine-tune", "frozen-bn", "branch-1x1", "branch-cross", "branch-full", "naive-1x1", "naive-cross", "naive-full"):
         # name, trainable parameters, median, IQR, time ratio, peak MiB, memory ratio
         assert re.search(rf"^{variant}\s+[\d,]+\s+[\d.]+\s+[\d.]+-[\d.]+\s+{RATIO}\s+[\d.-]+\s+{RATIO}", out, re.M), out
     assert re.search(r"^fine-tune\s.*\s1\.000x\s", out, re.M), out

@@ -49,6 +49,8 @@ def add_run_options(p: argparse.ArgumentParser, compile: bool = True) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16 under torch.autocast (weights stay float32, as in the trainer; default fp32)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in torch.channels_last memory format")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True: cuDNN times its algorithms per shape and keeps the fastest")
     if compile:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the model (the whole run compiled; run again without it for eager)")
@@ -69,6 +71,7 @@ def setup_run(args: argparse.Namespace) -> torch.device:
     if args.threads < 1:
         raise SystemExit("--threads must be >= 1")
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     return resolve_device(args.device)
 
 
@@ -275,7 +278,8 @@ def print_header(setup: str, info: dict[str, str], *notes: str) -> None:
 
 def section_title(device: torch.device, subject: str, details: str, args: argparse.Namespace) -> str:
     """``"GPU <subject>: <details>, bf16, channels_last, compiled"``: the device kind and the run options."""
-    options = [args.precision, *(["channels_last"] if args.channels_last else [])]
+    options = [args.precision, *(["channels_last"] if args.channels_last else []),
+               *(["cudnn.benchmark"] if args.cudnn_benchmark else [])]
     if hasattr(args, "compile"):
         options.append("compiled" if args.compile else "eager")
     return f"{'GPU' if device.type == 'cuda' else 'CPU'} {subject}: {details}, {', '.join(options)}"

@@ -2,7 +2,8 @@
 # Every GPU measurement of the GPU speed issue, in one run of under 8 minutes on one H100:
 # step-time and memory ratios (step_time.py: resnet18 at 32 and 224 px, resnet50 at 224 px), the
 # data-pipeline share and throughput (pipeline.py: SimCLR and BYOL), and add / merge time
-# (merge_time.py); bf16 autocast and channels_last throughout, eager first, then compiled.
+# (merge_time.py); bf16 autocast and channels_last throughout, eager first, then two diagnostics
+# of the eager step (with cudnn.benchmark, and profiled), then compiled.
 #
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh        # from the repository root
 #
@@ -81,6 +82,8 @@ run step-resnet18-224-eager 120 benchmarks/step_time.py "${GPU[@]}" --model resn
 run step-resnet50-224-eager 150 benchmarks/step_time.py "${GPU[@]}" --model resnet50 --img-size 224 --batch-size 128 --warmup 5 --steps 30
 run pipeline-eager 120 benchmarks/pipeline.py "${GPU[@]}" --methods simclr,byol --batch-size 256 --warmup 5 --steps 30
 run merge-time 120 benchmarks/merge_time.py "${GPU[@]}" --models resnet18,resnet50 --img-size 224 --batch-size 128 --warmup 2 --rounds 10
+# Does letting cuDNN time its algorithms per shape change the ratios (the trainer leaves it off)?
+run step-resnet18-224-eager-cudnn-benchmark 90 benchmarks/step_time.py "${GPU[@]}" --cudnn-benchmark --no-memory --variants fine-tune,frozen-bn,branch-1x1,branch-cross,naive-1x1 --model resnet18 --img-size 224 --batch-size 128 --warmup 5 --steps 20
 # Where a branch step's extra time goes (GPU kernels and host, torch.profiler), into the log.
 run profile-resnet18-224-eager 90 benchmarks/step_time.py "${GPU[@]}" --profile --no-memory --variants fine-tune,frozen-bn,branch-1x1,branch-cross,naive-1x1 --model resnet18 --img-size 224 --batch-size 128 --warmup 3 --steps 10
 

@@ -41,8 +41,9 @@ def test_step_time_smoke(tmp_path):
 
 def test_step_time_device_options_on_cpu():
     out = run_script("step_time.py", "--smoke", "--variants", "fine-tune", "--channels-last", "--compile",
-                     "--compile-backend", "eager", "--no-memory", "--profile")
+                     "--compile-backend", "eager", "--no-memory", "--profile", "--cudnn-benchmark", "--markdown")
     assert "channels_last, torch.compile (backend eager) of forward_features" in out, out
+    assert "## CPU step time: resnet18, 32 px, fp32, channels_last, cudnn.benchmark, compiled" in out, out
     assert re.search(r"=== profile: fine-tune \(3 steps\) ===\n.*Self CPU", out, re.S), out
     # variant ... time ratio ... first step seconds, graphs (at least one), graph breaks
     assert re.search(r"^fine-tune\s.*\s1\.000x\s.*\s[\d.]+\s+[1-9]\d*\s+\d+$", out, re.M), out

@@ -7,6 +7,9 @@
 #
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh        # from the repository root
 #
+# First, in the same device call, scripts/gpu_smoke.sh (about 2 minutes) checks that the trainer
+# runs end to end on the GPU.
+#
 # Uses the machine's own torch and timm (installs nothing, needs no internet). Environment:
 #   OUT       output folder (default ./gpu-results): gpu_all.log (every command's output, the
 #             elapsed times) and RESULTS-gpu.md (the Markdown sections for benchmarks/RESULTS.md)

@@ -76,3 +76,35 @@ def test_scheduler_steps_per_step():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.003, 0.5015, 1.0, 0.5])
+
+
+def test_lars_follows_the_per_parameter_formula_over_steps():
+    """Several shapes, a decayed group with and without clipping, an excluded group, a parameter
+    without gradient, momentum from its first step: equal, in float64, to the formula applied to
+    each parameter on its own."""
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (8, 4), (5,), (2, 2)]
+    params = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    groups = [dict(params=params[:2]), dict(params=[params[2]], lars_exclude=True, weight_decay=0.0),
+              dict(params=[params[3]], clip_lr=False)]
+    opt = LARS(groups, lr=0.3, momentum=0.9, weight_decay=1e-2, eta=0.02)
+    expected = [p.detach().clone() for p in params]
+    buffers: list[torch.Tensor | None] = [None] * len(params)
+    settings = [(1e-2, False, True), (1e-2, False, True), (0.0, True, True), (1e-2, False, False)]  # wd, excluded, clip
+    for step in range(4):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if (i == 1 and step == 2) else g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            if i == 1 and step == 2:
+                continue
+            wd, excluded, clip = settings[i]
+            if not excluded:
+                g = g + wd * expected[i]
+                ratio = 0.02 * expected[i].norm() / g.norm()
+                g = g * (ratio.clamp(max=1.0) if clip else ratio)
+            buffers[i] = g.clone() if buffers[i] is None else 0.9 * buffers[i] + g
+            expected[i] = expected[i] - 0.3 * buffers[i]
+        for p, e in zip(params, expected):
+            assert torch.allclose(p.detach(), e, rtol=1e-12, atol=1e-14)

@@ -43,29 +43,42 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # One foreach call per operation and group, not a dozen small ops per parameter: on a GPU
+        # each op is a kernel launch the host pays for.
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if not group["lars_exclude"]:
-                    if group["weight_decay"]:
-                        grad = grad.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm))
-                    if group["clip_lr"]:
-                        ratio = ratio.clamp(max=1.0)
-                    grad = grad * ratio
-                state = self.state[p]
-                if group["momentum"]:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = grad.clone()
-                    else:
-                        buf.mul_(group["momentum"]).add_(grad)
-                    grad = buf
-                p.add_(grad, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                if group["weight_decay"]:
+                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                grads = torch._foreach_mul(grads, _trust_ratios(params, grads, group["eta"], group["clip_lr"]))
+            if group["momentum"]:
+                grads = self._momentum(params, grads, group["momentum"])
+            torch._foreach_add_(params, grads, alpha=-group["lr"])
         return loss
+
+    def _momentum(self, params: list[torch.Tensor], grads: list[torch.Tensor], momentum: float) -> list[torch.Tensor]:
+        """The parameters' momentum buffers after ``buf = momentum * buf + grad`` (``grad`` on the first step)."""
+        states = [self.state[p] for p in params]
+        old = [i for i, st in enumerate(states) if "momentum_buffer" in st]
+        if old:
+            buffers = [states[i]["momentum_buffer"] for i in old]
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, [grads[i] for i in old])
+        for i, st in enumerate(states):
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = grads[i].clone()
+        return [st["momentum_buffer"] for st in states]
+
+
+def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], eta: float, clip: bool) -> list[torch.Tensor]:
+    """Per parameter ``eta * ||w|| / ||g||`` (1 where either norm is 0), clipped at 1 if ``clip``: 0-dim tensors."""
+    w_norms = torch.stack(torch._foreach_norm(params))
+    g_norms = torch.stack(torch._foreach_norm(grads))
+    ratios = torch.where((w_norms > 0) & (g_norms > 0), eta * w_norms / g_norms, torch.ones_like(w_norms))
+    return list((ratios.clamp(max=1.0) if clip else ratios).unbind())
 
 
 def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:

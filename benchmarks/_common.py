@@ -76,11 +76,13 @@ def setup_run(args: argparse.Namespace) -> torch.device:
 
 
 def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The trainer's resolution of ``--device`` (:func:`timm_branch.train.distributed.resolve_device`),
+    with an early exit when CUDA is asked for and absent."""
+    from timm_branch.train.distributed import resolve_device as trainer_device
+
     if spec == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False)")
-    return torch.device(spec)
+    return trainer_device(spec)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

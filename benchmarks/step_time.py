@@ -98,6 +98,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import _common as common
 
@@ -203,8 +204,6 @@ def add_naive_branches(model: nn.Module, shape: str) -> list[nn.Parameter]:
 
 def _train_mode(model: nn.Module, variant: str) -> None:
     """``model.train()``; for the naive reference and ``frozen-bn``, BatchNorm back in eval mode."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     model.train()
     if variant.startswith("naive-") or variant == FROZEN_BN:
         for module in model.modules():
@@ -226,8 +225,6 @@ def build_variant(model: nn.Module, variant: str) -> list[nn.Parameter]:
             param.requires_grad_(True)
         params = list(model.parameters())
     elif variant == FROZEN_BN:
-        from torch.nn.modules.batchnorm import _BatchNorm
-
         frozen = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
         params = [p for p in model.parameters() if id(p) not in frozen]
         for param in model.parameters():

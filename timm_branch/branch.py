@@ -93,6 +93,8 @@ class ConvBranch(nn.Module):
         self.register_buffer("taps", None if taps is None else taps.to(weight.device), persistent=False)
         # The tap-only backward's boxes; none when the branch has every tap (a 1x1 kernel, "full").
         self.boxes, self.runs = (None, None) if n_taps == kernel_numel else tap_boxes(self.kernel_size, taps)
+        # The conv's geometry for BranchedConv, set by attach_branch for plain convs (else None).
+        self.geometry: ConvGeometry | None = None
         self.branch = nn.Parameter(weight.new_zeros(*self._grid[:-1], n_taps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -132,25 +134,25 @@ def attach_branch(conv: nn.Module, shape: str = "cross") -> ConvBranch:
     branch = ConvBranch(conv.weight, _kernel_size(conv), shape)
     # Registration moves ``weight`` out of ``_parameters``; merging puts it back at this position.
     branch.parameter_order = list(conv._parameters)
-    plain = _runs_plain_conv(conv)
+    branch.geometry = _plain_geometry(conv)
     # unsafe=True skips a trial forward: ConvBranch keeps shape and dtype by construction.
     parametrize.register_parametrization(conv, "weight", branch, unsafe=True)
-    if plain:
+    if branch.geometry is not None:
         # The class parametrize just made is this conv's own (and its deep copies').
         type(conv).forward = _branched_forward
     return branch
 
 
-def _runs_plain_conv(conv: nn.Module) -> bool:
-    """Whether ``conv``'s forward is ``F.convNd(x, weight, bias, ...)`` with zero padding, which
-    :class:`~timm_branch.branch_conv.BranchedConv` reproduces exactly (timm's ``Conv2dSame`` too)."""
+def _plain_geometry(conv: nn.Module) -> ConvGeometry | None:
+    """``conv``'s geometry if its forward is ``F.convNd(x, weight, bias, ...)`` with symmetric zero
+    padding, which :class:`~timm_branch.branch_conv.BranchedConv` reproduces exactly (timm's
+    ``Conv2dSame`` too: it pads the input itself, then convolves unpadded); else ``None``."""
     cls = type(conv)
-    if cls.forward is Conv2dSame.forward:
-        return True
-    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-        if isinstance(conv, base) and cls.forward is base.forward and cls._conv_forward is base._conv_forward:
-            return conv.padding_mode == "zeros" and symmetric_padding(conv.padding, conv.kernel_size, conv.dilation) is not None
-    return False
+    plain = cls.forward is Conv2dSame.forward or any(
+        isinstance(conv, base) and cls.forward is base.forward and cls._conv_forward is base._conv_forward
+        and conv.padding_mode == "zeros" for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    padding = symmetric_padding(conv.padding, conv.kernel_size, conv.dilation) if plain else None
+    return None if padding is None else ConvGeometry(tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)
 
 
 def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -161,11 +163,9 @@ def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and branch.branch.requires_grad and not weights.original.requires_grad
             and len(weights) == 1 and len(self.parametrizations) == 1):
         return super(type(self), self).forward(x)
-    padding = symmetric_padding(self.padding, self.kernel_size, self.dilation)
     if isinstance(self, Conv2dSame):
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-    geometry = ConvGeometry(tuple(self.stride), padding, tuple(self.dilation), self.groups)
-    return BranchedConv.apply(x, weights.original, branch.branch, self.bias, branch, geometry, branch.boxes, branch.runs)
+    return BranchedConv.apply(x, weights.original, branch.branch, self.bias, branch, branch.geometry, branch.boxes, branch.runs)
 
 
 def get_branch(conv: nn.Module) -> ConvBranch | None:

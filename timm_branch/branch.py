@@ -158,14 +158,19 @@ def _plain_geometry(conv: nn.Module) -> ConvGeometry | None:
 def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a branched plain conv: :class:`BranchedConv` while the branch alone trains
     (its backward skips the frozen kernel's weight gradient), else the parametrized forward."""
-    weights = self.parametrizations["weight"]
-    branch = weights[0]
-    if not (torch.is_grad_enabled() and branch.branch.requires_grad and not weights.original.requires_grad
-            and len(weights) == 1 and len(self.parametrizations) == 1):
+    # The module dictionaries directly: nn.Module.__getattr__ would add microseconds per conv and
+    # step of host time, which a GPU step at small image sizes waits for.
+    parametrizations = self._modules["parametrizations"]
+    weights = parametrizations._modules["weight"]
+    branch = next(iter(weights._modules.values()))
+    delta, original = branch._parameters["branch"], weights._parameters["original"]
+    if not (torch.is_grad_enabled() and delta.requires_grad and not original.requires_grad
+            and len(weights._modules) == 1 and len(parametrizations._modules) == 1):
         return super(type(self), self).forward(x)
     if isinstance(self, Conv2dSame):
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-    return BranchedConv.apply(x, weights.original, branch.branch, self.bias, branch, branch.geometry, branch.boxes, branch.runs)
+    return BranchedConv.apply(x, original, delta, self._parameters["bias"], branch, branch.geometry, branch.boxes,
+                              branch.runs)
 
 
 def get_branch(conv: nn.Module) -> ConvBranch | None:

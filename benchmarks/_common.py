@@ -42,9 +42,10 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def add_run_options(p: argparse.ArgumentParser, compile: bool = True) -> None:
+def add_run_options(p: argparse.ArgumentParser, compile: bool = True, backend: bool = True) -> None:
     """``--device``, ``--precision``, ``--channels-last``, ``--threads``, ``--seed``, ``--markdown``
-    and (with ``compile``) ``--compile``, ``--compile-backend``: the options the scripts share."""
+    and (with ``compile``) ``--compile``, and (with ``backend`` too) ``--compile-backend``: the
+    options the scripts share."""
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16 under torch.autocast (weights stay float32, as in the trainer; default fp32)")
@@ -54,7 +55,8 @@ def add_run_options(p: argparse.ArgumentParser, compile: bool = True) -> None:
     if compile:
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the model (the whole run compiled; run again without it for eager)")
-        p.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile (default inductor)")
+        if backend:
+            p.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile (default inductor)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch.set_num_threads (default: all usable cores, {usable_cores()}; 1 with --smoke)")
     p.add_argument("--seed", type=int, default=0)

@@ -29,8 +29,8 @@ step spent making the views, ``1 - median(premade) / median(full)``, and the thr
 Targets (GPU speed issue): share <= 10 %; throughput above 10x the anchor of ~1.4k images/s
 (CaSSLe's ResNet-18 on CIFAR-100, one RTX 3090) on an H100.
 
-``--compile`` compiles ``forward_features`` of the backbone (and of the momentum network) and the
-SSL method's forward (heads and loss) with ``torch.compile``; the augmentation stays eager (it draws
+``--compile`` runs the trainer with ``TrainConfig.compile``: the backbone and the momentum network
+through ``torch.compile`` (inductor), the heads, the losses and the augmentation eager (it draws
 from a generator). Compiled and eager are separate runs.
 
 Data: by default a seeded random uint8 tensor of CIFAR-shaped images (``2 * batch`` images, 3 x 32
@@ -95,16 +95,12 @@ def measure_method(args: argparse.Namespace, method: str, data: str, output: Pat
     config = TrainConfig(
         model=args.model, data=[data], scenario="data", num_tasks=2, method=method, strategy=args.strategy,
         batch_size=args.batch_size, image_size=args.img_size, precision=args.precision,
-        channels_last=args.channels_last, device=args.device, seed=args.seed, output=str(output / method),
+        channels_last=args.channels_last, compile="inductor" if args.compile else None, device=args.device, seed=args.seed,
+        output=str(output / method),
     )
     run = ContinualRun(config, progress=False)
     learner = run._initial_learner()
     run._prepare_task(learner, 1)
-    if args.compile:
-        for net in (learner.backbone, learner.momentum):
-            if net is not None:
-                common.compile_features(net, args.compile_backend)
-        learner.method.compile(backend=args.compile_backend)
     total = 2 * (args.warmup + args.steps)  # both variants' steps: one schedule, one momentum ramp
     optimizer = build_optimizer(config.optimizer or run.recipe.optimizer, run._trainable(learner), run.lr, run.weight_decay)
     scheduler = build_scheduler(optimizer, total, 0)
@@ -214,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per variant (default 5)")
     p.add_argument("--data", default=None, help="a timm-branch data spec (FILE.npz, cifar100:ROOT, ...); default: seeded random uint8 CIFAR-shaped images")
     p.add_argument("--smoke", action="store_true", help="quick check that everything runs: batch 8, no warm-up, 2 steps, 1 thread unless --threads")
-    common.add_run_options(p)
+    common.add_run_options(p, backend=False)
     args = p.parse_args(argv)
     if args.smoke:
         args.batch_size, args.steps, args.warmup = 8, 2, 0
@@ -240,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     on_gpu = device.type == "cuda"
     info = common.machine_info(device, args.threads)
-    mode = f"torch.compile (backend {args.compile_backend}) of forward_features and the SSL method" if args.compile else "eager"
+    mode = "torch.compile of the backbone and momentum network (TrainConfig.compile)" if args.compile else "eager"
     setup = (
         f"{args.model}, strategy {args.strategy} (task 1), batch {args.batch_size} images x 2 views of "
         f"{args.img_size} px, {args.precision}, {'channels_last' if args.channels_last else 'contiguous (NCHW)'}, {mode}; "

@@ -223,6 +223,23 @@ def test_bf16_autocast_and_channels_last_run(tmp_path):
     assert (final.parent / "accuracy_curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_compiled_run_trains_exactly_as_eager(tmp_path):
+    """dynamo and AOTAutograd through the branched backbone and the momentum network, with no
+    graph break: the aot_eager backend runs the very kernels eager runs, so the weights are equal."""
+    from torch._dynamo.utils import counters
+
+    byol = dict(method="byol", batch_size=128)  # a momentum network, and few steps per task
+    eager = ContinualRun(_config(tmp_path / "eager", **byol), progress=False).run()
+    counters.clear()
+    compiled = ContinualRun(_config(tmp_path / "compiled", **byol, compile="aot_eager"), progress=False).run()
+    # Per task the online and the momentum encoder; the branched task-1 backbone is a graph of its own.
+    assert counters["stats"]["unique_graphs"] == 4 and not counters["graph_break"]
+    for task in (0, 1):
+        got, expected = _weights(compiled.parent, task), _weights(eager.parent, task)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
 def test_online_linear_probe_trains_alongside_and_is_reported(tmp_path):
     from timm_branch.evaluate import ContinualMetrics
 

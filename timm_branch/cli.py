@@ -36,6 +36,7 @@ _HELP = {
     "lr": "learning rate (default: the method's recipe, scaled by batch_size / 256)",
     "weight_decay": "weight decay (default: the method's recipe)",
     "precision": "fp32 | bf16 (autocast)",
+    "compile": "torch.compile backend for the backbone in training, e.g. inductor (compiled afresh for every task; default: eager)",
     "optimizer": "lars | sgd | adamw (default: the method's recipe)",
     "output": "run folder (task-K/ models, metrics.json, config.yaml)",
     "push_to_hub": "org/name: push the merged model to the Hugging Face Hub (token from HF_TOKEN or the login cache)",

@@ -31,6 +31,11 @@ class TrainConfig:
     ``"stop"`` reads losses back every 16 steps (no wait for the GPU in between), so the error may
     come a few steps after the step it names, always before the epoch's checkpoint; ``"skip"``
     checks each loss before its update, which costs one wait for the GPU per step.
+
+    ``compile``, a ``torch.compile`` backend (``"inductor"``, PyTorch's default), runs the backbone
+    (and the momentum network) of each task's training steps compiled: every task compiles afresh
+    (its branched backbone is a new graph) after ``torch.compiler.reset()`` drops the previous
+    task's graphs, so a task's first steps are slow; the heads, losses and evaluation stay eager.
     """
 
     model: str = "resnet18"
@@ -53,6 +58,7 @@ class TrainConfig:
     distill_weight: float = 1.0
     precision: str = "fp32"
     channels_last: bool = False
+    compile: str | None = None  # a torch.compile backend ("inductor"); None: eager
     device: str = "auto"
     sync_bn: bool = False  # under torchrun on GPUs: the backbone's BatchNorms use the global batch's statistics
     seed: int = 0
@@ -105,7 +111,7 @@ class TrainConfig:
             found.append(f"knn_temperature={self.knn_temperature} must be positive")
         if self.distill_weight < 0:
             found.append(f"distill_weight={self.distill_weight} must not be negative")
-        found += self._device_problems() + self._pretrained_folder_problems()
+        found += self._device_problems() + self._pretrained_folder_problems() + self._compile_problems()
         if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
             found.append(f"push_to_hub={self.push_to_hub!r} is not a Hub repository id of the form org/name")
         if not self.data:
@@ -128,6 +134,17 @@ class TrainConfig:
             return [f"device={self.device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)"]
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             return [f"device={self.device!r}, but this machine has {torch.cuda.device_count()} CUDA GPUs; use device=auto or cpu"]
+        return []
+
+    def _compile_problems(self) -> list[str]:
+        if self.compile is None:
+            return []
+        import torch
+
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if self.compile not in backends:
+            return [f"compile={self.compile!r} is not a torch.compile backend; choose one of {', '.join(backends)} "
+                    "(inductor is PyTorch's default)"]
         return []
 
     def _pretrained_folder_problems(self) -> list[str]:

@@ -86,6 +86,7 @@ class Learner:
     distiller: nn.Module | None = None
     probe: nn.Linear | None = None
     encoder: nn.Module | None = None  # the backbone as a task's steps call it (see ContinualRun._parallel)
+    momentum_encoder: nn.Module | None = None  # the momentum network, likewise
 
     def trained(self) -> dict[str, nn.Module | None]:
         """The modules whose state a checkpoint keeps (the teacher is rebuilt from the last task)."""
@@ -374,9 +375,9 @@ class ContinualRun:
         with autocast:
             feats = [distributed.gather_rows(f) for f in learner.encoder(views)]
             momentum_feats = None
-            if learner.momentum is not None:
+            if learner.momentum_encoder is not None:
                 with torch.no_grad():
-                    momentum_feats = _global_features(learner.momentum, views)
+                    momentum_feats = [distributed.gather_rows(f) for f in learner.momentum_encoder(views)]
             out = learner.method(feats, momentum_feats)
             loss = out.loss
             if learner.distiller is not None:
@@ -508,15 +509,25 @@ class ContinualRun:
     @contextlib.contextmanager
     def _parallel(self, learner: Learner) -> Iterator[None]:
         """For one task's training: ``learner.encoder`` (in ``DistributedDataParallel`` when several
-        ranks train) and, with ``sync_bn``, SyncBatchNorm in the backbone and its momentum copy;
+        ranks train) and ``learner.momentum_encoder``, both through ``torch.compile`` with
+        ``compile``; with ``sync_bn``, SyncBatchNorm in the backbone and its momentum copy;
         afterwards the original BatchNorm classes again, ready to merge and export."""
         synced = (learner.backbone, learner.momentum) if self.config.sync_bn else ()
         with distributed.synced_batchnorm(*synced):
-            learner.encoder = distributed.data_parallel(_Encoder(learner.backbone), self.device)
+            encoder = distributed.data_parallel(_Encoder(learner.backbone), self.device)
+            momentum = None if learner.momentum is None else _Encoder(learner.momentum)
+            if self.config.compile is not None:
+                # Both encoders share _Encoder.forward's code, whose compiled graphs dynamo caps
+                # (8 by default, then it falls back to eager): drop the last task's, which no
+                # longer match the model anyway.
+                torch.compiler.reset()
+                encoder = torch.compile(encoder, backend=self.config.compile)
+                momentum = None if momentum is None else torch.compile(momentum, backend=self.config.compile)
+            learner.encoder, learner.momentum_encoder = encoder, momentum
             try:
                 yield
             finally:
-                learner.encoder = None
+                learner.encoder = learner.momentum_encoder = None
 
     def _record_task(self, metrics: ContinualMetrics, learner: Learner, task: int, started: float) -> None:
         """Rank 0, after ``task``: evaluate, save the metrics and plots, log, and push if asked."""

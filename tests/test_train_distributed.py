@@ -253,6 +253,18 @@ def test_two_ranks_match_one_process_for_every_other_method(data, tmp_path):
         _check_case(data, ranks, tmp_path / "single", name, case)
 
 
+@pytest.mark.slow
+def test_two_compiled_ranks_match_one_eager_process(data, tmp_path):
+    """``compile`` under DDP: torch.compile of the DistributedDataParallel encoder (aot_eager, which
+    runs eager's kernels) on both ranks, against one eager process."""
+    case = dict(method="byol", strategy="branch", epochs=1)
+    ranks = _spawn(data, tmp_path / "ranks", {"compiled": {**case, "compile": "aot_eager"}}, checks=False)
+    reference = _run(_config(data, tmp_path / "single" / "compiled", **case))
+    per_rank = [json.loads((ranks / f"losses-compiled-{r}.json").read_text()) for r in range(WORLD)]
+    _assert_same_losses(per_rank, reference, TOL64)
+    _assert_same_outputs(ranks / "compiled", tmp_path / "single" / "compiled", TOL64)
+
+
 def test_command_line_on_two_ranks_resumes_and_matches_one_process(two_ranks, data, tmp_path):
     run = ContinualRun(_config(data, tmp_path / "single", **CLI_CASE), progress=False)
     reference: list[float] = []

@@ -142,23 +142,26 @@ class BranchedConv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w_eff, branch = ctx.saved_tensors
+        x, kernel, branch = ctx.saved_tensors  # kernel: W (rebuilt into W + delta here) or, cast, W + delta
         g = ctx.geometry
-        if ctx.cast is None:
-            w_eff = ctx.effective.forward(w_eff)
+        rebuilt = ctx.cast is None
+        w_eff = ctx.effective.forward(kernel) if rebuilt else kernel
         grad_out = _as(grad_out, w_eff.dtype)
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         full = ctx.boxes is None
         x_dtype, bias_dtype = ctx.dtypes
-        grad_x, grad_w, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, x, w_eff, [grad_out.shape[1]] if bias_dtype is not None else None,
-            list(g.stride), list(g.padding), list(g.dilation), False, [0] * len(g.stride), g.groups,
-            [need_x, full, need_bias],
-        )
-        if full:
-            grad_branch = grad_w.reshape(branch.shape)
-        else:
-            grad_branch = _tap_grad(grad_out, x, w_eff, g, ctx.boxes, ctx.runs)
+        # Weight gradients read only the kernel's shape and dtype, so ``kernel`` serves for them. A
+        # rebuilt W + delta is dropped before they are allocated, so that the backward's peak memory
+        # (at the first convs, when every activation is still held) is fine-tuning's; for the cast
+        # kernel, which stays saved anyway, one call gives the full weight gradient too.
+        both = full and not rebuilt
+        grad_x = grad_w = grad_bias = None
+        if need_x or need_bias or both:
+            grad_x, grad_w, grad_bias = _conv_backward(grad_out, x, w_eff, g, bias_dtype is not None, [need_x, both, need_bias])
+        del w_eff
+        if full and not both:
+            grad_w = _conv_backward(grad_out, x, kernel, g, False, [False, True, False])[1]
+        grad_branch = grad_w.reshape(branch.shape) if full else _tap_grad(grad_out, x, kernel, g, ctx.boxes, ctx.runs)
         return (
             _as(grad_x, x_dtype) if need_x else None,
             None,
@@ -192,9 +195,20 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, g: C
     return _CONV_FN[x.dim() - 2](x, weight, bias, g.stride, g.padding, g.dilation, g.groups)
 
 
-def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, w_eff: torch.Tensor, g: ConvGeometry,
+def _conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, g: ConvGeometry, bias: bool,
+                   mask: list[bool], padding: tuple[int, ...] | None = None) -> tuple[torch.Tensor | None, ...]:
+    """``(grad_x, grad_weight, grad_bias)`` of ``conv(x, weight)`` with ``g`` (and ``padding`` if
+    given), those that ``mask`` asks for."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, [grad_out.shape[1]] if bias else None, list(g.stride), list(g.padding if padding is None else padding),
+        list(g.dilation), False, [0] * len(g.stride), g.groups, mask,
+    )
+
+
+def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: ConvGeometry,
               boxes: list[TapBox], runs: list[TapRun]) -> torch.Tensor:
-    """The branch gradient ``(C_out, C_in / groups, taps)``: one sub-convolution per box."""
+    """The branch gradient ``(C_out, C_in / groups, taps)``: one sub-convolution per box
+    (``kernel``: any tensor of the kernel's shape and compute dtype; only those are read)."""
     out_size = grad_out.shape[2:]
     grads = []
     for box in boxes:
@@ -202,12 +216,8 @@ def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, w_eff: torch.Tensor, g: C
         if box.stop == tuple(a + 1 for a in box.start) and not any(padding):
             grads.append(_single_tap_grad(grad_out, window, g))
             continue
-        sub_kernel = w_eff[(slice(None), slice(None), *(slice(a, b) for a, b in zip(box.start, box.stop)))]
-        _, grad_box, _ = torch.ops.aten.convolution_backward(
-            grad_out, window, sub_kernel, None, list(g.stride), list(padding), list(g.dilation), False,
-            [0] * len(g.stride), g.groups, [False, True, False],
-        )
-        grads.append(grad_box.flatten(2))
+        sub_kernel = kernel[(slice(None), slice(None), *(slice(a, b) for a, b in zip(box.start, box.stop)))]
+        grads.append(_conv_backward(grad_out, window, sub_kernel, g, False, [False, True, False], padding)[1].flatten(2))
     pieces = [grads[b][..., i:j] for b, i, j in runs]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
 

@@ -12,7 +12,9 @@ weight gradient of a convolution with that sub-kernel over the window of the (ze
 that those taps read: along each axis the window starts at ``a * dilation - padding_before`` and
 spans ``(out - 1) * stride + dilation * (b - a - 1) + 1`` pixels, so the sub-convolution's output
 has exactly the conv's output size. A ``"1x1"`` branch is one box (the centre tap); a ``"cross"``
-branch is one box per axis, the line of taps through the centre along that axis.
+branch is one box per axis, the line of taps through the centre along that axis. A box of one
+tap that reads its window without padding is computed as one matrix product (a GEMM over batch
+and output pixels), which does the same arithmetic with less host work per call.
 
 Exactness: the forward computes the very ``W + delta`` (:meth:`ConvBranch.forward`) and the very
 convolution call of the conv class, so outputs, and therefore merges, are bit-for-bit those of the

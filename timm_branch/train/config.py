@@ -137,6 +137,7 @@ class TrainConfig:
         return []
 
     def _compile_problems(self) -> list[str]:
+        """``compile`` must name a backend this torch has (checked here, not at the first step)."""
         if self.compile is None:
             return []
         import torch

@@ -103,10 +103,10 @@ def features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
 
 
-def _global_features(backbone: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The features ``(B, num_features)`` of the global batch: each of this rank's views
-    ``(b, 3, H, W)`` through ``backbone``, gathered from every rank in rank order."""
-    return [distributed.gather_rows(features(backbone, v)) for v in views]
+def _global(per_view: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The features ``(B, num_features)`` of the global batch: each of this rank's per-view
+    features ``(b, num_features)`` gathered from every rank in rank order."""
+    return [distributed.gather_rows(f) for f in per_view]
 
 
 class _Encoder(nn.Module):
@@ -373,16 +373,16 @@ class ContinualRun:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         with autocast:
-            feats = [distributed.gather_rows(f) for f in learner.encoder(views)]
+            feats = _global(learner.encoder(views))
             momentum_feats = None
             if learner.momentum_encoder is not None:
                 with torch.no_grad():
-                    momentum_feats = [distributed.gather_rows(f) for f in learner.momentum_encoder(views)]
+                    momentum_feats = _global(learner.momentum_encoder(views))
             out = learner.method(feats, momentum_feats)
             loss = out.loss
             if learner.distiller is not None:
                 with torch.no_grad():
-                    z_frozen = learner.teacher_method.project(_global_features(learner.teacher, views))
+                    z_frozen = learner.teacher_method.project(_global([features(learner.teacher, v) for v in views]))
                 loss = loss + cfg.distill_weight * learner.distiller(out.z, z_frozen, learner.method, learner.teacher_method)
             if learner.probe is not None:
                 # Detached features: the probe reads the representation without shaping it.

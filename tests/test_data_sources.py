@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_branch.data import sources
+from timm_branch.data import files
 from timm_branch.data import (
     DataSource,
     Split,
@@ -323,7 +323,7 @@ def test_load_folder_decodes_in_worker_processes_in_file_order(tmp_path, monkeyp
     rng = np.random.default_rng(0)
     for i in range(7):
         Image.fromarray(rng.integers(0, 256, (5 + i, 9, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    monkeypatch.setattr(sources, "_DECODE_CHUNK", 2)
+    monkeypatch.setattr(files, "_DECODE_BATCH", 2)
     here = load_folder(tmp_path, 6, workers=0).train.images
     assert torch.equal(load_folder(tmp_path, 6, workers=2).train.images, here)
     assert torch.equal(load_folder(tmp_path, 6).train.images, here)  # few files: decoded here

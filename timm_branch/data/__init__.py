@@ -1,5 +1,7 @@
-"""Data for continual SSL: in-memory sources, continual scenarios and batched augmentations.
+"""Data for continual SSL: sources, continual scenarios and batched augmentations.
 
+- ``files.py``: :class:`ImageFiles`, a streamed folder split decoded batch by batch in
+  DataLoader workers.
 - ``sources.py``: :class:`Split`, :class:`DataSource` and the offline loaders (npz, image
   folders, torchvision CIFAR/STL-10, scikit-learn digits) behind :func:`load_source`.
 - ``scenarios.py``: :class:`Task`, :class:`Scenario`; class-, data- and domain-incremental
@@ -20,6 +22,7 @@ from .augment import (
     SSLAugment,
     TwoViewAugment,
 )
+from .files import ImageFiles, decode_image
 from .resize import resize_center_crop
 from .scenarios import (
     SCENARIO_KINDS,
@@ -57,6 +60,7 @@ __all__ = [
     "AugmentParams",
     "DataSource",
     "EvalTransform",
+    "ImageFiles",
     "SSLAugment",
     "Scenario",
     "Split",
@@ -66,6 +70,7 @@ __all__ = [
     "class_incremental",
     "concat_sources",
     "data_incremental",
+    "decode_image",
     "domain_sequence",
     "load_digits",
     "load_folder",

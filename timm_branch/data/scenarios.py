@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from .files import ImageFiles
 from .sources import DataSource, Split
 
 SCENARIO_KINDS = ("class", "data", "domain")
@@ -211,7 +212,7 @@ def concat_sources(sources: Sequence[DataSource], labels: str = "disjoint", name
                 total += len(names)
 
     def cat(splits: list[tuple[int, Split]]) -> Split:
-        images = torch.cat([split.images for _, split in splits])
+        images = _cat_images([split.images for _, split in splits])
         if not labelled:
             return Split(images, None)
         return Split(images, torch.cat([split.labels + offsets[k] for k, split in splits]))
@@ -219,6 +220,16 @@ def concat_sources(sources: Sequence[DataSource], labels: str = "disjoint", name
     train = cat([(k, s.train) for k, s in enumerate(sources)])
     test = cat([(k, s.test) for k, s in enumerate(sources) if s.test is not None]) if with_test else None
     return DataSource(name or "+".join(s.name for s in sources), train, test, classes)
+
+
+def _cat_images(parts: list[torch.Tensor | ImageFiles]) -> torch.Tensor | ImageFiles:
+    streamed = [isinstance(p, ImageFiles) for p in parts]
+    if all(streamed):
+        return ImageFiles.cat(parts)
+    if any(streamed):
+        raise ValueError("cannot concatenate a streamed folder with sources held in memory: stream every source "
+                         "(folders only) or none")
+    return torch.cat(parts)
 
 
 def domain_sequence(sources: Sequence[DataSource], labels: str = "disjoint") -> Scenario:

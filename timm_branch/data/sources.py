@@ -1,4 +1,4 @@
-"""Image sources held in memory as uint8 tensors: npz files, image folders, torchvision, digits.
+"""Image sources as uint8 tensors: npz files, image folders, torchvision, digits.
 
 Every loader returns a :class:`DataSource`: a named ``train`` :class:`Split`, an optional ``test``
 split and optional class names. A split stores its images as one ``uint8`` tensor of shape
@@ -6,7 +6,9 @@ split and optional class names. A split stores its images as one ``uint8`` tenso
 channels) and its labels as ``int64`` of shape ``(N,)``, or ``None`` for unlabeled data.
 Keeping whole datasets as uint8 tensors lets the batched augmentations of ``augment.py`` run on
 CPU or GPU without a per-image Python pipeline; the cost is memory, ``N * 3 * H * W`` bytes
-(CIFAR-100 train: 150 MiB; STL-10 unlabeled: 2.6 GiB).
+(CIFAR-100 train: 150 MiB; STL-10 unlabeled: 2.6 GiB). A folder too large for that loads with
+``stream=True``: its splits hold :class:`~timm_branch.data.files.ImageFiles`, which stand for
+that tensor and decode batch by batch in DataLoader workers.
 
 Nothing here downloads anything. A missing dataset is an error that says where it was looked for
 and how to get it.
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import ImageFiles
 from .resize import resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -45,24 +48,26 @@ _TV_INFO = {
 
 @dataclass
 class Split:
-    """One split of a dataset, in memory.
+    """One split of a dataset.
 
     Attributes:
-        images: uint8 ``(N, C, H, W)``, pixel values 0..255.
+        images: uint8 ``(N, C, H, W)``, pixel values 0..255, in memory; or the
+            :class:`~timm_branch.data.files.ImageFiles` that decode to it (a streamed folder).
         labels: int64 ``(N,)`` with values ``>= 0``, or ``None`` when the split is unlabeled.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageFiles
     labels: torch.Tensor | None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.ndim != 4:
+        in_memory = isinstance(self.images, torch.Tensor) and self.images.dtype == torch.uint8 and self.images.ndim == 4
+        if not (in_memory or isinstance(self.images, ImageFiles)):
             got = (
                 f"{self.images.dtype} {tuple(self.images.shape)}"
                 if isinstance(self.images, torch.Tensor)
                 else type(self.images).__name__
             )
-            raise ValueError(f"Split.images must be a uint8 tensor of shape (N, C, H, W), got {got}")
+            raise ValueError(f"Split.images must be a uint8 tensor of shape (N, C, H, W) or ImageFiles, got {got}")
         if self.labels is not None:
             if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 or self.labels.ndim != 1:
                 raise ValueError("Split.labels must be None or an int64 tensor of shape (N,)")
@@ -78,7 +83,7 @@ class Split:
 
     def subset(self, indices: torch.Tensor) -> Split:
         """The images (and labels) at ``indices`` (int64 ``(M,)``, or a bool mask ``(N,)``), as a
-        new split (a copy)."""
+        new split (a copy; of a streamed split, the files chosen)."""
         indices = torch.as_tensor(indices)
         indices = indices.nonzero().flatten() if indices.dtype == torch.bool else indices.to(torch.int64)
         return Split(self.images[indices], None if self.labels is None else self.labels[indices])
@@ -176,6 +181,8 @@ def resize_source(source: DataSource, image_size: int) -> DataSource:
     def resize(split: Split | None) -> Split | None:
         if split is None:
             return None
+        if isinstance(split.images, ImageFiles):  # decoded later: at the new side, by decode_image
+            return Split(ImageFiles(split.images.files, image_size), split.labels)
         chunks = [resize_center_crop(c, image_size) for c in split.images.split(4096)]
         return Split(torch.cat(chunks), split.labels)
 
@@ -263,70 +270,8 @@ def _images_below(folder: Path) -> list[Path]:
     return found
 
 
-def _decode(path: Path, image_size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            width, height = img.size
-            scale = image_size / min(width, height)
-            new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-            if (new_w, new_h) != (width, height):
-                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-            left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
-            img = img.crop((left, top, left + image_size, top + image_size))
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-
-
-class _DecodedFiles(torch.utils.data.Dataset):
-    """Item ``i``: ``(i, image)`` with ``image`` the ``(s, s, 3)`` uint8 array of ``files[i]``
-    (:func:`_decode`), or ``(i, message)`` when it cannot be read, so that the loading process,
-    not a worker, raises the error."""
-
-    def __init__(self, files: list[Path], image_size: int) -> None:
-        self.files, self.image_size = files, image_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
-        try:
-            return i, _decode(self.files[i], self.image_size)
-        except ValueError as err:
-            return i, str(err)
-
-
-_DECODE_CHUNK = 256
-"""Images per DataLoader batch when decoding a folder."""
-_FILES_PER_WORKER = 256
-"""With ``workers=None``, one decoding worker per this many files (at most 8, at most the cores)."""
-
-
-def _decode_files(files: list[Path], image_size: int, workers: int | None) -> torch.Tensor:
-    """The images of ``files``, in order, as uint8 ``(N, 3, s, s)``, decoded by ``workers``
-    DataLoader worker processes (``0``: in this process; ``None``: chosen from the file count)."""
-    if workers is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = min(8, cores, len(files) // _FILES_PER_WORKER)
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    images = torch.empty(len(files), image_size, image_size, 3, dtype=torch.uint8)
-    rows = images.numpy()  # PIL's arrays are read-only: copy them in through numpy
-    loader = torch.utils.data.DataLoader(_DecodedFiles(files, image_size), batch_size=_DECODE_CHUNK,
-                                         num_workers=workers, collate_fn=list)
-    for chunk in loader:
-        for i, decoded in chunk:
-            if isinstance(decoded, str):
-                raise ValueError(decoded)
-            rows[i] = decoded
-    return images.permute(0, 3, 1, 2).contiguous()
-
-
 def _read_split_folder(folder: Path, image_size: int, classes: list[str] | None,
-                       workers: int | None) -> tuple[Split, list[str] | None]:
+                       workers: int | None, stream: bool) -> tuple[Split, list[str] | None]:
     """Read one split folder: class sub-folders (labelled) or images directly inside (unlabeled).
 
     ``classes``: the class list to label with (from the train split), or ``None`` to derive it.
@@ -355,16 +300,17 @@ def _read_split_folder(folder: Path, image_size: int, classes: list[str] | None,
         files, labels = direct, None
     if not files:
         raise ValueError(f"{folder}: no images found (looked for files ending in {', '.join(IMAGE_EXTENSIONS)})")
-    images = _decode_files(files, image_size, workers)
-    return Split(images, None if labels is None else torch.tensor(labels, dtype=torch.int64)), (
+    images = ImageFiles(files, image_size)
+    return Split(images if stream else images.decode(workers), None if labels is None else torch.tensor(labels, dtype=torch.int64)), (
         classes if labels is not None else None
     )
 
 
-def load_folder(path: str | os.PathLike, image_size: int, workers: int | None = None) -> DataSource:
+def load_folder(path: str | os.PathLike, image_size: int, workers: int | None = None,
+                stream: bool = False) -> DataSource:
     """Load a folder of images into memory, decoding them in ``workers`` DataLoader worker
     processes (``None``: one per 256 images, at most 8 and at most the usable cores; ``0``: in
-    this process).
+    this process), or, with ``stream=True``, only list its files.
 
     Layouts (hidden files and folders are ignored):
 
@@ -380,7 +326,10 @@ def load_folder(path: str | os.PathLike, image_size: int, workers: int | None = 
     Every image is decoded with PIL, converted to RGB, resized with bicubic interpolation so
     that its **shorter side** is ``image_size`` (aspect ratio kept) and **centre-cropped** to
     ``image_size x image_size``: nothing is stretched, and the borders of the longer side are cut
-    off. The result is kept in memory as uint8 ``(N, 3, image_size, image_size)``.
+    off (:func:`~timm_branch.data.files.decode_image`). The result is kept in memory as uint8
+    ``(N, 3, image_size, image_size)``; with ``stream=True`` the splits' ``images`` are
+    :class:`~timm_branch.data.files.ImageFiles` instead, decoded batch by batch when used (for
+    folders larger than memory; the pixels are the same).
 
     Errors (``ValueError``) name the folder with no images, the unreadable file, or the mixed
     layout; a missing folder raises ``FileNotFoundError``.
@@ -392,18 +341,18 @@ def load_folder(path: str | os.PathLike, image_size: int, workers: int | None = 
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     image_size = int(image_size)
     if (path / "train").is_dir():
-        train, classes = _read_split_folder(path / "train", image_size, None, workers)
+        train, classes = _read_split_folder(path / "train", image_size, None, workers, stream)
         test_dir = next((path / d for d in ("test", "val") if (path / d).is_dir()), None)
         test = None
         if test_dir is not None:
-            test, test_classes = _read_split_folder(test_dir, image_size, classes, workers)
+            test, test_classes = _read_split_folder(test_dir, image_size, classes, workers, stream)
             if classes is None and test_classes is not None:
                 raise ValueError(
                     f"{path}: train/ is a flat folder of unlabeled images but {test_dir.name}/ has class "
                     "folders; labelled test data needs labelled train data to define the classes"
                 )
     else:
-        train, classes = _read_split_folder(path, image_size, None, workers)
+        train, classes = _read_split_folder(path, image_size, None, workers, stream)
         test = None
     return DataSource(path.name, train, test, classes)
 
@@ -524,7 +473,8 @@ def load_digits(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0)
 # one entry point
 
 
-def load_source(spec: str, image_size: int, root: str | os.PathLike | None = None) -> DataSource:
+def load_source(spec: str, image_size: int, root: str | os.PathLike | None = None,
+                workers: int | None = None, stream: bool = False) -> DataSource:
     """Load a data source from a spec string; images come back as ``image_size x image_size``.
 
     Specs:
@@ -538,10 +488,17 @@ def load_source(spec: str, image_size: int, root: str | os.PathLike | None = Non
 
     Sources of another resolution are resized once, at load (shorter side to ``image_size``,
     centre crop, antialiased bilinear; see :func:`resize_source`).
+
+    ``workers`` and ``stream`` are :func:`load_folder`'s. Only a folder streams: with
+    ``stream=True`` any other spec is a ``ValueError``.
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"spec must be a non-empty string, got {spec!r}")
     name, sep, rest = spec.partition(":")
+    is_folder = spec != "digits" and name not in TORCHVISION_SOURCES and not spec.endswith(".npz") and Path(spec).is_dir()
+    if stream and not is_folder:
+        raise ValueError(f"cannot stream {spec!r}: only an image folder streams (digits, npz files and torchvision "
+                         "datasets load into memory); drop stream / --stream or give a folder")
     if spec == "digits":
         return load_digits(image_size)
     if name in TORCHVISION_SOURCES:
@@ -558,8 +515,8 @@ def load_source(spec: str, image_size: int, root: str | os.PathLike | None = Non
         return resize_source(source, image_size)
     if spec.endswith(".npz"):
         return resize_source(load_npz(spec), image_size)
-    if Path(spec).is_dir():
-        return load_folder(spec, image_size)
+    if is_folder:
+        return load_folder(spec, image_size, workers, stream)
     raise ValueError(
         f"cannot load {spec!r}: it is not 'digits', not NAME:ROOT with NAME in {TORCHVISION_SOURCES}, "
         "not a path ending in .npz, and not an existing folder of images"

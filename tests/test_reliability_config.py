@@ -36,6 +36,7 @@ PROBLEMS = [
     (dict(pretrained="local-dir:/nowhere"), "/nowhere has no config.json or model.safetensors"),
     (dict(push_to_hub="no-namespace"), "push_to_hub='no-namespace' is not a Hub repository id"),
     (dict(compile="turbo"), "compile='turbo' is not a torch.compile backend; choose one of"),
+    (dict(workers=-1), "workers=-1 must not be negative"),
     (dict(scenario="domain"), "scenario='domain' needs two or more data sources"),
 ]
 

@@ -209,6 +209,37 @@ def test_domain_sequence_one_task_per_source(tmp_path):
     assert '"linear_top1": null' in metrics and '"knn_per_task"' in metrics
 
 
+def test_streamed_folder_trains_and_evaluates_exactly_as_in_memory(tmp_path):
+    """--stream: batches decoded in two DataLoader workers per epoch, evaluation features batch by
+    batch; the pixels are the in-memory load's, so weights and scores are equal, not close."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("val", 6)):
+        for c in range(4):
+            folder = tmp_path / "imgs" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 160, (20 + i % 3, 24, 3), dtype=np.uint8) + np.uint8(30 * c)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    runs = {}
+    for name, stream in (("memory", {}), ("streamed", dict(stream=True, workers=2))):
+        config = _config(tmp_path / name, data=[str(tmp_path / "imgs")], batch_size=16, epochs=2, linear_probe=True, **stream)
+        run = ContinualRun(config, progress=False)
+        assert isinstance(run.images, torch.Tensor) != bool(stream)
+        runs[name] = run.run().parent
+    for task in (0, 1):
+        got, expected = _weights(runs["streamed"], task), _weights(runs["memory"], task)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    metrics = [json.loads((runs[name] / "metrics.json").read_text()) for name in ("streamed", "memory")]
+    scores = [[{k: v for k, v in row.items() if k != "extra"} for row in m["rows"]] for m in metrics]  # extra: seconds
+    assert scores[0] == scores[1] and metrics[0]["summary"] == metrics[1]["summary"]
+    assert len(scores[0]) == 2 and scores[0][-1]["linear_top1"] is not None
+
+
 def test_saved_configuration_is_resolved(tmp_path):
     run = ContinualRun(_config(tmp_path, method="moco", batch_size=64))
     resolved = run.resolved_config()

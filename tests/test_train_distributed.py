@@ -33,6 +33,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 from timm_branch import add_branches, cli, save_pretrained
 from timm_branch.train import checkpoint as ckpt
@@ -48,7 +49,10 @@ CASES = {  # in float64
     # BatchNorm) and the online probe.
     "swav": dict(method="swav", strategy="cassle+branch", online_probe=True),
     "barlow": dict(method="barlow", strategy="branch", epochs=1),
+    # The npz's images as a streamed folder of PNGs, decoded by one DataLoader worker per rank.
+    "streamed": dict(method="simclr", strategy="branch", epochs=1, stream=True, workers=1),
 }
+STREAMED_IN_MEMORY = dict(method="simclr", strategy="branch", epochs=1)  # its one-process reference
 SLOW_CASES = {  # the momentum networks (EMA), and MoCo's 65536-key queue (slow to checkpoint)
     "moco": dict(method="moco", strategy="cassle+branch", online_probe=True),
     "byol": dict(method="byol", strategy="cassle+branch"),
@@ -64,20 +68,25 @@ class _Crash(Exception):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """A tiny labelled npz (4 classes, 128 training images of 16 x 16) and a saved test_resnet to start from."""
+    """A tiny labelled npz (4 classes, 128 training images of 16 x 16), the same images as a folder
+    of PNGs in the same order, and a saved test_resnet to start from."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    np.savez(root / "tiny.npz", x_train=rng.integers(0, 256, (128, 16, 16, 3), dtype=np.uint8),
-             y_train=np.repeat(np.arange(4), 32), x_test=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8),
-             y_test=np.repeat(np.arange(4), 8))
+    arrays = dict(x_train=rng.integers(0, 256, (128, 16, 16, 3), dtype=np.uint8), y_train=np.repeat(np.arange(4), 32),
+                  x_test=rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8), y_test=np.repeat(np.arange(4), 8))
+    np.savez(root / "tiny.npz", **arrays)
+    for split in ("train", "test"):
+        for row, (pixels, label) in enumerate(zip(arrays[f"x_{split}"], arrays[f"y_{split}"])):
+            (root / "tiny" / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / "tiny" / split / str(label) / f"{row:03d}.png")
     torch.manual_seed(0)
     save_pretrained(timm.create_model("test_resnet", num_classes=0), root / "base")
     return root
 
 
 def _config(data: Path, output: Path, **kwargs) -> TrainConfig:
-    """2 tasks of 64 images, global batch 32, 2 epochs: 4 steps per task."""
-    base = dict(model="test_resnet", data=[str(data / "tiny.npz")], pretrained=f"local-dir:{data / 'base'}",
+    """2 tasks of 64 images, global batch 32, 2 epochs: 4 steps per task; the folder with ``stream``."""
+    base = dict(model="test_resnet", data=[str(data / ("tiny" if kwargs.get("stream") else "tiny.npz"))], pretrained=f"local-dir:{data / 'base'}",
                 image_size=16, batch_size=32, epochs=2, num_tasks=2, linear_probe=False, knn_k=5, device="cpu")
     return TrainConfig(**{**base, **kwargs, "output": str(output)})
 
@@ -243,7 +252,9 @@ def _check_case(data: Path, ranks: Path, single_root: Path, name: str, case: dic
 
 @pytest.mark.parametrize("name", CASES)
 def test_two_ranks_train_what_one_process_trains(two_ranks, data, tmp_path, name):
-    _check_case(data, two_ranks, tmp_path, name, CASES[name])
+    """Each case against one process; the streamed folder against one process holding the npz in
+    memory (each rank decodes only its half of every batch)."""
+    _check_case(data, two_ranks, tmp_path, name, STREAMED_IN_MEMORY if name == "streamed" else CASES[name])
 
 
 @pytest.mark.slow

@@ -36,11 +36,18 @@ class TrainConfig:
     (and the momentum network) of each task's training steps compiled: every task compiles afresh
     (its branched backbone is a new graph) after ``torch.compiler.reset()`` drops the previous
     task's graphs, so a task's first steps are slow; the heads, losses and evaluation stay eager.
+
+    ``stream`` keeps image folders on disk: ``workers`` DataLoader processes decode each batch
+    while the previous one trains, and each process of a ``torchrun`` job decodes only its own
+    rows. Without it a folder is decoded once, up front, into memory (and onto the GPU). The
+    pixels, and so the run, are the same either way.
     """
 
     model: str = "resnet18"
     pretrained: str | None = None  # a timm name, "hf-hub:org/name" or "local-dir:PATH"; replaces model
     data: list[str] = field(default_factory=lambda: ["digits"])
+    stream: bool = False  # image folders: decode batch by batch in DataLoader workers, not all up front
+    workers: int | None = None  # processes decoding image folders; None: from the cores (0: the training process)
     scenario: str = "class"
     num_tasks: int = 5
     split_seed: int | None = None
@@ -109,6 +116,8 @@ class TrainConfig:
             found.append(f"weight_decay={self.weight_decay} must not be negative")
         if self.knn_temperature <= 0:
             found.append(f"knn_temperature={self.knn_temperature} must be positive")
+        if self.workers is not None and self.workers < 0:
+            found.append(f"workers={self.workers} must not be negative (0 decodes in the training process)")
         if self.distill_weight < 0:
             found.append(f"distill_weight={self.distill_weight} must not be negative")
         found += self._device_problems() + self._pretrained_folder_problems() + self._compile_problems()

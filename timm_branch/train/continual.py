@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..branch import iter_branches
-from ..data import DataSource, EvalTransform, Scenario, TwoViewAugment, build_scenario, load_source
+from ..data import DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, load_source
 from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
 from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
 from ..evaluate.report import CURVES_FILE
@@ -140,12 +140,14 @@ class ContinualRun:
         self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard")
         self.device = distributed.resolve_device(config.device)
         self._check_parallel()
-        sources = [load_source(spec, config.image_size) for spec in config.data]
+        sources = [load_source(spec, config.image_size, workers=config.workers, stream=config.stream) for spec in config.data]
         source: DataSource | list[DataSource] = sources if config.scenario == "domain" else sources[0]
         self.scenario: Scenario = build_scenario(config.scenario, source, None if config.scenario == "domain" else config.num_tasks, config.split_seed)
         self._check_data()
         self._check_model()
-        self.images = self.scenario.source.train.images.to(self.device)
+        images = self.scenario.source.train.images
+        # In memory: all of it on the device once. Streamed: decoded batch by batch (_batches).
+        self.images = images if isinstance(images, ImageFiles) else images.to(self.device)
         train_labels = self.scenario.source.train.labels
         if config.online_probe and train_labels is None:
             raise ValueError("online_probe needs labelled training data; the data source has no labels")
@@ -270,6 +272,28 @@ class ContinualRun:
     def _steps_per_epoch(self, task: int) -> int:
         return len(self._task_indices(task)) // self.config.batch_size
 
+    def _batches(self, order: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+        """An epoch's uint8 global batches on the device: ``steps`` consecutive slices of ``order``.
+
+        A streamed folder decodes in worker processes while earlier batches train, each rank only
+        its own rows (:func:`~timm_branch.train.distributed.local_rows`); the other rows of a
+        rank's batch are zeros that nothing reads, since each rank augments its rows alone.
+        """
+        b = self.config.batch_size
+        if not isinstance(self.images, ImageFiles):
+            return (self.images[order[s * b:(s + 1) * b]] for s in range(steps))
+        rows = distributed.local_rows(b)
+        local = self.images.batches(list(order[: steps * b].view(steps, b)[:, rows].cpu()), self.config.workers, self.device)
+        if rows == slice(0, b):
+            return local
+
+        def placed(part: torch.Tensor) -> torch.Tensor:
+            batch = part.new_zeros((b, *part.shape[1:]))
+            batch[rows] = part
+            return batch
+
+        return map(placed, local)
+
     def _train_task(self, learner: Learner, task: int) -> None:
         cfg = self.config
         steps = self._steps_per_epoch(task)
@@ -307,11 +331,11 @@ class ContinualRun:
                        disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
             pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
-            for step in bar:
+            for step, batch in zip(bar, self._batches(order, steps)):
                 chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 labels = None if self.labels is None else self.labels[chosen]
                 try:
-                    pending.append(self._step(learner, self.images[chosen], labels, gen, optimizer, scheduler,
+                    pending.append(self._step(learner, batch, labels, gen, optimizer, scheduler,
                                               epoch * steps + step, total))
                 except torch.OutOfMemoryError as err:
                     raise self._out_of_memory(f"task {task}, epoch {epoch + 1}, step {step + 1}", err) from err
@@ -429,8 +453,8 @@ class ContinualRun:
         if source.train.labels is None or source.test is None or source.test.labels is None:
             return None
         cfg = self.config
-        train_f = extract_features(backbone, self.images, self.eval_transform, cfg.eval_batch_size, self.device)
-        test_f = extract_features(backbone, source.test.images, self.eval_transform, cfg.eval_batch_size, self.device)
+        train_f = self._features(backbone, self.images)
+        test_f = self._features(backbone, source.test.images)
         train_y, test_y = source.train.labels, source.test.labels
         num_classes = int(max(train_y.max(), test_y.max())) + 1
         tasks = self.scenario.tasks
@@ -456,6 +480,14 @@ class ContinualRun:
                 online = online_probe.eval()(test_f.to(self.device)).argmax(1).cpu()
             result["online_top1"] = top1_accuracy(online, test_y)
         return result
+
+    def _features(self, backbone: nn.Module, images: torch.Tensor | ImageFiles) -> torch.Tensor:
+        """:func:`extract_features` of in-memory or streamed images (decoded batch by batch)."""
+        size = self.config.eval_batch_size
+        if not isinstance(images, ImageFiles):
+            return extract_features(backbone, images, self.eval_transform, size, self.device)
+        parts = images.batches(size, self.config.workers, self.device)
+        return torch.cat([extract_features(backbone, part, self.eval_transform, size, self.device) for part in parts])
 
     # -- the run ----------------------------------------------------------------------------------
 

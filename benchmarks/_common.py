@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: device, precision and compilation options, the
-training step that ``step_time.py`` and ``merge_time.py`` time, interleaved timing, CUDA peak
-memory, machine information and the text / Markdown tables.
+training step that ``step_time.py`` and ``merge_time.py`` time, the trainer's task-1 learner that
+``pipeline.py`` and ``stream.py`` drive, interleaved timing, CUDA peak memory, machine information
+and the text / Markdown tables.
 
 The scripts import it as ``_common`` (Python puts the script's own folder, ``benchmarks/``, first
 on ``sys.path``).
@@ -234,6 +235,36 @@ CUDA_MEMORY_METHOD = (
     "torch.cuda.max_memory_allocated during the variant's first {n} step(s), minus "
     "torch.cuda.memory_allocated just before them (peak stats reset per variant, one process)"
 )
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer's own task-1 step (pipeline.py, stream.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def add_task_one_options(p: argparse.ArgumentParser, strategies: Sequence[str]) -> None:
+    """``--model`` and ``--strategy``: the trainer run whose task-1 step a script drives."""
+    p.add_argument("--model", default="resnet18", help="timm model name (default resnet18)")
+    p.add_argument("--strategy", choices=strategies, default="branch", help="the trainer's strategy for task 1 (default branch)")
+
+
+def task_one_learner(run, total_steps: int) -> tuple[object, torch.optim.Optimizer, object]:
+    """``run``'s (a ``ContinualRun``) learner for task 1, prepared as the trainer prepares it
+    (``_initial_learner``, ``_prepare_task``: with a branch strategy, the first Branch-tuning task),
+    in train mode, with the recipe's optimiser and a warmup-free schedule of ``total_steps`` steps
+    (``build_optimizer`` / ``build_scheduler`` on ``_trainable``, as ``_train_task`` builds them).
+    Returns ``(learner, optimizer, scheduler)``."""
+    from timm_branch.train.optim import build_optimizer, build_scheduler
+
+    learner = run._initial_learner()
+    run._prepare_task(learner, 1)
+    optimizer = build_optimizer(run.config.optimizer or run.recipe.optimizer, run._trainable(learner), run.lr, run.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, 0)
+    for net in (learner.backbone, learner.method, learner.momentum, learner.distiller):
+        if net is not None:
+            net.train()
+    learner.method.on_epoch_start(0)
+    return learner, optimizer, scheduler
 
 
 # --------------------------------------------------------------------------------------------------

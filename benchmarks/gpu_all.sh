@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the GPU speed issue, in one run of under 8 minutes on one H100:
 # step-time and memory ratios (step_time.py: resnet18 at 32 and 224 px, resnet50 at 224 px), the
-# data-pipeline share and throughput (pipeline.py: SimCLR and BYOL), and add / merge time
-# (merge_time.py); bf16 autocast and channels_last throughout, eager and compiled, with two
+# data-pipeline share and throughput (pipeline.py: SimCLR and BYOL), a streamed folder against
+# the same folder in memory (stream.py), and add / merge time (merge_time.py); bf16 autocast and channels_last throughout, eager and compiled, with two
 # diagnostics of the eager step (profiled, and with cudnn.benchmark).
 #
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh        # from the repository root
@@ -82,12 +82,14 @@ fi
 # Most important first (commands that no longer fit the budget are skipped). The eager resnet18
 # 32 px step waits for the host (see RESULTS.md), so right after it comes the same step compiled,
 # every branch shape, which removes the branched convs' Python work; then the compute-bound
-# resnet50 224 px step, the pipeline eager and compiled (the trainer's --compile inductor), and
-# the diagnostics and the re-measurements.
+# resnet50 224 px step, the pipeline eager, a streamed folder, the pipeline compiled (the
+# trainer's --compile inductor), and the diagnostics and the re-measurements.
 run step-resnet18-32-eager 120 benchmarks/step_time.py "${GPU[@]}" --model resnet18 --img-size 32 --batch-size 256 --warmup 5 --steps 30
 run step-resnet18-32-compiled 240 benchmarks/step_time.py "${GPU[@]}" --compile --variants fine-tune,branch-1x1,branch-cross,branch-full --model resnet18 --img-size 32 --batch-size 256 --warmup 5 --steps 30
 run step-resnet50-224-eager 150 benchmarks/step_time.py "${GPU[@]}" --model resnet50 --img-size 224 --batch-size 128 --warmup 5 --steps 30
 run pipeline-eager 120 benchmarks/pipeline.py "${GPU[@]}" --methods simclr,byol --batch-size 256 --warmup 5 --steps 30
+# A folder streamed by DataLoader workers (--stream) against the same folder in memory, 224 px.
+run stream-resnet18-224 120 benchmarks/stream.py "${GPU[@]}" --model resnet18 --img-size 224 --file-size 256 --batch-size 128 --workers 12 --steps 8 --epochs 3
 run pipeline-compiled 240 benchmarks/pipeline.py "${GPU[@]}" --compile --methods simclr,byol --batch-size 256 --warmup 5 --steps 30
 # Where a branch step's extra time goes (GPU kernels and host, torch.profiler), into the log.
 run profile-resnet18-224-eager 90 benchmarks/step_time.py "${GPU[@]}" --profile --no-memory --variants fine-tune,frozen-bn,branch-1x1,branch-cross,naive-1x1 --model resnet18 --img-size 224 --batch-size 128 --warmup 3 --steps 10

@@ -90,7 +90,6 @@ def measure_method(args: argparse.Namespace, method: str, data: str, output: Pat
     """Time the ``full`` and ``premade`` steps of ``method`` (see the module docstring)."""
     from timm_branch.train import ContinualRun, TrainConfig
     from timm_branch.train.distributed import local_rows
-    from timm_branch.train.optim import build_optimizer, build_scheduler
 
     config = TrainConfig(
         model=args.model, data=[data], scenario="data", num_tasks=2, method=method, strategy=args.strategy,
@@ -99,15 +98,8 @@ def measure_method(args: argparse.Namespace, method: str, data: str, output: Pat
         output=str(output / method),
     )
     run = ContinualRun(config, progress=False)
-    learner = run._initial_learner()
-    run._prepare_task(learner, 1)
     total = 2 * (args.warmup + args.steps)  # both variants' steps: one schedule, one momentum ramp
-    optimizer = build_optimizer(config.optimizer or run.recipe.optimizer, run._trainable(learner), run.lr, run.weight_decay)
-    scheduler = build_scheduler(optimizer, total, 0)
-    for net in (learner.backbone, learner.method, learner.momentum, learner.distiller):
-        if net is not None:
-            net.train()
-    learner.method.on_epoch_start(0)
+    learner, optimizer, scheduler = common.task_one_learner(run, total)
 
     batch = run.images[run._task_indices(1)[: args.batch_size].to(run.device)]
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
@@ -201,9 +193,8 @@ def table(results: list[dict], on_gpu: bool, markdown: bool) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18", help="timm model name (default resnet18)")
+    common.add_task_one_options(p, STRATEGIES)
     p.add_argument("--methods", default="simclr,byol", help="comma-separated SSL methods (default simclr,byol)")
-    p.add_argument("--strategy", choices=STRATEGIES, default="branch", help="the trainer's strategy for task 1 (default branch)")
     p.add_argument("--batch-size", type=int, default=256, help="images per step, two views each (default 256, CaSSLe's)")
     p.add_argument("--img-size", type=int, default=32, help="view size in pixels (default 32, CIFAR)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (default 30)")

@@ -3,6 +3,7 @@
     python examples/own_images.py --images ~/photos --pretrained resnet18.a1_in1k --output runs/photos
     python examples/own_images.py --images ~/photos --model resnet18 --output runs/scratch   # from scratch
     python examples/own_images.py --images FOLDER --pretrained local-dir:CKPT --smoke         # seconds
+    python examples/own_images.py --images ~/imagenet --stream --image-size 224 ...            # larger than memory
 
 Folder layouts (``timm_branch.data.load_folder``; any image type PIL reads):
 
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="epochs per task")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=96, help="shorter side resized, then centre-cropped")
+    parser.add_argument("--stream", action="store_true",
+                        help="decode each batch in DataLoader workers instead of the whole folder up front (folders larger than memory)")
     parser.add_argument("--output", default="runs/own-images")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --output")
     parser.add_argument("--smoke", action="store_true", help="1 epoch at 16 px, batch 8: the pipeline only")
@@ -60,7 +63,7 @@ def main() -> None:
         # Class folders give class-incremental tasks; a flat folder is cut into random equal parts.
         scenario="class" if has_class_folders(args.images) else "data",
         num_tasks=args.num_tasks, method=args.method, strategy="branch", epochs=args.epochs,
-        batch_size=args.batch_size, image_size=args.image_size, output=args.output,
+        batch_size=args.batch_size, image_size=args.image_size, stream=args.stream, output=args.output,
         # Smoke runs have a handful of images: fewer neighbours than the default 20.
         knn_k=5 if args.smoke else TrainConfig.knn_k,
     )

@@ -61,6 +61,17 @@ def test_pipeline_smoke(tmp_path):
     assert "## CPU data-pipeline share and throughput: resnet18, 32 px" in section and "| byol |" in section, section
 
 
+def test_stream_smoke(tmp_path):
+    md = tmp_path / "results.md"
+    out = run_script("stream.py", "--smoke", "--workers", "1", "--markdown", str(md))
+    for variant in ("in memory \\(baseline\\)", "streamed", "decode only \\(no step\\)"):
+        assert re.search(rf"^{variant}\s+[\d.]+\s+[\d.]+-[\d.]+\s+[\d,]+\s+{RATIO}$", out, re.M), out
+    assert re.search(r"^in memory \(baseline\)\s.*\s1\.00x$", out, re.M), out
+    assert re.search(rf"^streaming costs {RATIO} the in-memory epoch; the workers decode [\d,]+ images/s", out, re.M), out
+    section = md.read_text()
+    assert "## CPU streamed folder vs in memory: resnet18, 32 px, fp32" in section and "streamed by 1 worker;" in section
+
+
 def test_merge_time_smoke(tmp_path):
     md = tmp_path / "results.md"
     out = run_script("merge_time.py", "--smoke", "--markdown", str(md))

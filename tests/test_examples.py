@@ -78,10 +78,11 @@ def test_own_images_trains_task_after_task_from_a_local_checkpoint(own_images_ru
 
 
 @pytest.mark.slow  # a third path through the same example: ~20 s of imports and training
-def test_own_images_on_a_flat_unlabeled_folder_from_scratch(tmp_path):
+def test_own_images_on_a_flat_unlabeled_folder_from_scratch_streamed(tmp_path):
     images = write_images(tmp_path / "flat", train=4, test=0)
     lines = run_example("own_images.py", "--images", str(images), "--model", "test_resnet",
-                        "--output", str(tmp_path / "run"), "--smoke")
+                        "--output", str(tmp_path / "run"), "--smoke", "--stream")
+    assert "stream: true" in (tmp_path / "run" / "config.yaml").read_text()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["meta"]["scenario"] == "data" and len(metrics["rows"]) == 2
     assert lines[-2].startswith("no evaluation") and (tmp_path / "run" / "task-1" / "model.safetensors").is_file()

@@ -336,6 +336,25 @@ def test_cli_images_from_a_run(tmp_path):
     assert 120 < old["num_images"] < 170 and 60 < new["num_images"] < 85  # 4 and 2 of 10 digit classes (359 test images)
 
 
+def test_cli_decodes_only_the_folder_images_it_compares(tmp_path):
+    """A folder is listed, not decoded: a broken file of a class not compared is never read."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "imgs" / str(c)).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / str(c) / f"{i}.png")
+    (tmp_path / "imgs" / "2" / "5.png").write_bytes(b"\x89PNG garbage")
+    argv = ["test_resnet", "test_resnet", "--data", str(tmp_path / "imgs"), "--num-images", "16",
+            "--output", str(tmp_path / "out"), *FAST]
+    assert run_command(_parse([*argv, "--classes", "0", "1"])) == 0
+    assert json.loads((tmp_path / "out" / "cka.json").read_text())["curves"]["cka"]["meta"]["num_images"] == 16
+    with pytest.raises(SystemExit, match=r"cannot read image .*5\.png"):
+        run_command(_parse([*argv, "--classes", "2"]))
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "either two MODELs"),
     (["test_resnet"], "exactly two"),

@@ -473,6 +473,12 @@ def load_digits(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0)
 # one entry point
 
 
+def is_folder_spec(spec: str) -> bool:
+    """Whether :func:`load_source` reads ``spec`` as an image folder, the one kind that streams."""
+    return (spec != "digits" and spec.partition(":")[0] not in TORCHVISION_SOURCES and not spec.endswith(".npz")
+            and Path(spec).is_dir())
+
+
 def load_source(spec: str, image_size: int, root: str | os.PathLike | None = None,
                 workers: int | None = None, stream: bool = False) -> DataSource:
     """Load a data source from a spec string; images come back as ``image_size x image_size``.
@@ -495,7 +501,7 @@ def load_source(spec: str, image_size: int, root: str | os.PathLike | None = Non
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"spec must be a non-empty string, got {spec!r}")
     name, sep, rest = spec.partition(":")
-    is_folder = spec != "digits" and name not in TORCHVISION_SOURCES and not spec.endswith(".npz") and Path(spec).is_dir()
+    is_folder = is_folder_spec(spec)
     if stream and not is_folder:
         raise ValueError(f"cannot stream {spec!r}: only an image folder streams (digits, npz files and torchvision "
                          "datasets load into memory); drop stream / --stream or give a folder")

@@ -61,6 +61,8 @@ the train split when the source has none), restricted to ``--classes`` (one curv
 instead takes the data, image size and task split of a ``timm-branch train`` run (its
 ``config.yaml``; ``--data`` and ``--image-size`` override them): old = the images of tasks
 ``0..K-1``, new = those of task ``K``. ``--num-images N`` keeps a random subset (seeded) of each set.
+An image folder is listed, not decoded up front: only the images compared are decoded, so a folder
+larger than memory (a run trained with ``--stream``) works with ``--num-images``.
 ``--layers`` takes regular expressions on module names, ``--types`` the layer types. The
 evaluation transform is :class:`~timm_branch.data.EvalTransform` at ``--image-size`` (default:
 the run's, else 32). ``--output DIR`` writes ``cka.json`` (every curve: layers, types, mean,
@@ -700,6 +702,18 @@ def _split_of(source, which: str):
     return split
 
 
+def _source(spec: str, size: int):
+    """:func:`~timm_branch.data.load_source`, a folder listed, not decoded (see :func:`_decoded`)."""
+    from ..data import is_folder_spec, load_source
+
+    return load_source(spec, size, stream=is_folder_spec(spec))
+
+
+def _decoded(images) -> Tensor:
+    """The uint8 pixels of the images chosen: a tensor as it is, a folder's files decoded."""
+    return images if isinstance(images, Tensor) else images.decode()
+
+
 def _subset(images: Tensor, num: int | None, seed: int) -> Tensor:
     if num is None or num >= images.shape[0]:
         return images
@@ -722,7 +736,7 @@ def _by_classes(split, classes: Sequence[int] | None, what: str) -> Tensor:
 
 def _images_from_run(args) -> tuple[Tensor | None, Tensor, int, list[str]]:
     """(old images, new images, image size, data specs) of task ``args.task`` of the run ``args.run``."""
-    from ..data import build_scenario, load_source
+    from ..data import build_scenario
     from ..train.config import TrainConfig
 
     config_path = args.run / "config.yaml"
@@ -733,7 +747,7 @@ def _images_from_run(args) -> tuple[Tensor | None, Tensor, int, list[str]]:
     config = TrainConfig.from_yaml(config_path)
     size = args.image_size or config.image_size
     specs = [args.data] if args.data else list(config.data)
-    sources = [load_source(spec, size) for spec in specs]
+    sources = [_source(spec, size) for spec in specs]
     scenario = build_scenario(config.scenario, sources if config.scenario == "domain" else sources[0],
                               None if config.scenario == "domain" else config.num_tasks, config.split_seed)
     if not 0 <= args.task < len(scenario):
@@ -765,7 +779,7 @@ def _print_summary(results: Mapping[str, CKAResult]) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``timm-branch cka`` with parsed ``args``; returns the exit status (0)."""
-    from ..data import EvalTransform, load_source
+    from ..data import EvalTransform
 
     pair_mode = bool(args.models)
     curve_mode = args.stability is not None or args.plasticity is not None
@@ -793,7 +807,7 @@ def run_command(args: argparse.Namespace) -> int:
     else:
         size = args.image_size or 32
         data = [args.data or "digits"]
-        source = load_source(data[0], size)
+        source = _source(data[0], size)
         split = _split_of(source, args.split)
         if pair_mode:
             images = _by_classes(split, args.classes, "--classes")
@@ -829,7 +843,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         if pair_mode:
             a, b = (model(s) for s in args.models)
-            images = _subset(images, args.num_images, args.seed)
+            images = _decoded(_subset(images, args.num_images, args.seed))
             results["cka"] = compare_models(a, b, images, transform, layers=layers_for(a, b), **kwargs)
             results["cka"].meta.update(model_a=args.models[0], model_b=args.models[1])
         else:
@@ -838,7 +852,7 @@ def run_command(args: argparse.Namespace) -> int:
                 if specs is None:
                     continue
                 a, b = (model(spec) for spec in specs)
-                imgs = _subset(pool, args.num_images, args.seed)
+                imgs = _decoded(_subset(pool, args.num_images, args.seed))
                 results[key] = compare_models(a, b, imgs, transform, layers=layers_for(a, b), **kwargs)
                 results[key].meta.update(model_a=specs[0], model_b=specs[1], images=images_name)
     except ValueError as err:

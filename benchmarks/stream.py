@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=32, help="side the files decode to and the views' size, px (default 32)")
     p.add_argument("--steps", type=int, default=8, help="steps per epoch (default 8)")
     p.add_argument("--epochs", type=int, default=5, help="timed epochs per variant, after one untimed (default 5)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes of the streamed run (default: the trainer's, one per core up to 8)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes of the streamed run (default: the trainer's, the usable cores, at most 8)")
     p.add_argument("--folder", default=None, help="an image folder; default: seeded JPEGs written to a temporary folder")
     p.add_argument("--images", type=int, default=None, help="files in the default folder (default 2 x steps x batch: two tasks)")
     p.add_argument("--file-size", type=int, default=64, help="side of the default folder's files, px (default 64)")

@@ -347,6 +347,18 @@ def test_one_process_is_left_as_it_is(monkeypatch):
         assert distributed.local_rows(32) == slice(0, 32)
         assert distributed.gather_rows(x) is x
         assert distributed.data_parallel(module, torch.device("cpu")) is module
+        assert distributed.local_world_size() == 1
+
+
+def test_the_ranks_of_a_machine_share_its_cores_for_decoding(monkeypatch):
+    from timm_branch.data import default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's: two machines of four ranks
+    assert distributed.local_world_size() == 4
+    assert default_workers(4) == max(1, min(8, cores // 4)) and default_workers(10**6) == 1
+    assert default_workers() == min(8, cores)
 
 
 def test_batch_must_split_evenly_over_the_ranks(data, tmp_path, monkeypatch):

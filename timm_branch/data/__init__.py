@@ -22,7 +22,7 @@ from .augment import (
     SSLAugment,
     TwoViewAugment,
 )
-from .files import ImageFiles, decode_image
+from .files import ImageFiles, decode_image, default_workers
 from .resize import resize_center_crop
 from .scenarios import (
     SCENARIO_KINDS,
@@ -72,6 +72,7 @@ __all__ = [
     "concat_sources",
     "data_incremental",
     "decode_image",
+    "default_workers",
     "domain_sequence",
     "is_folder_spec",
     "load_digits",

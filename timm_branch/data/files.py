@@ -49,8 +49,11 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def default_workers(processes: int = 1) -> int:
+    """Decoding workers for each of ``processes`` training processes on one machine: the usable
+    cores shared among them, at most 8 each, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(_MAX_WORKERS, cores // max(1, processes)))
 
 
 class _FileBatches(torch.utils.data.Dataset):
@@ -156,7 +159,7 @@ class ImageFiles:
             rows = [np.asarray(torch.as_tensor(b).cpu(), dtype=np.int64) for b in batches]
             cap = _MAX_WORKERS
         if workers is None:
-            workers = min(_MAX_WORKERS, _usable_cores(), cap, len(rows))
+            workers = min(default_workers(), cap, len(rows))
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         device = torch.device(device)

@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..branch import iter_branches
-from ..data import DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, load_source
+from ..data import DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, default_workers, load_source
 from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
 from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
 from ..evaluate.report import CURVES_FILE
@@ -148,6 +148,8 @@ class ContinualRun:
         images = self.scenario.source.train.images
         # In memory: all of it on the device once. Streamed: decoded batch by batch (_batches).
         self.images = images if isinstance(images, ImageFiles) else images.to(self.device)
+        # The ranks of a machine share its cores for decoding.
+        self._workers = config.workers if config.workers is not None else default_workers(distributed.local_world_size())
         train_labels = self.scenario.source.train.labels
         if config.online_probe and train_labels is None:
             raise ValueError("online_probe needs labelled training data; the data source has no labels")
@@ -283,7 +285,7 @@ class ContinualRun:
         if not isinstance(self.images, ImageFiles):
             return (self.images[order[s * b:(s + 1) * b]] for s in range(steps))
         rows = distributed.local_rows(b)
-        local = self.images.batches(list(order[: steps * b].view(steps, b)[:, rows].cpu()), self.config.workers, self.device)
+        local = self.images.batches(list(order[: steps * b].view(steps, b)[:, rows].cpu()), self._workers, self.device)
         if rows == slice(0, b):
             return local
 
@@ -486,7 +488,7 @@ class ContinualRun:
         size = self.config.eval_batch_size
         if not isinstance(images, ImageFiles):
             return extract_features(backbone, images, self.eval_transform, size, self.device)
-        parts = images.batches(size, self.config.workers, self.device)
+        parts = images.batches(size, self._workers, self.device)
         return torch.cat([extract_features(backbone, part, self.eval_transform, size, self.device) for part in parts])
 
     # -- the run ----------------------------------------------------------------------------------

@@ -58,6 +58,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def local_world_size() -> int:
+    """The number of ranks on this machine (torchrun's ``LOCAL_WORLD_SIZE``); 1 without torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launched_by_torchrun() else 1
+
+
 def rank() -> int:
     """This process's rank, 0 to ``world_size() - 1``; 0 without a process group."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The trainer end to end on a CUDA GPU, to run before benchmarks/gpu_all.sh: each of the six SSL
 # methods under Branch-tuning, and SimCLR under CaSSLe+Branch, in bf16 with channels_last, two
-# tasks of one epoch on the bundled digits, evaluation included; then each run's final model is
+# tasks of one epoch on the bundled digits, evaluation included, and SimCLR on the digits written
+# as a folder of PNGs and streamed (--stream); then each run's final model is
 # loaded with plain timm in a fresh process, as its last printed line says. CPU tests cannot catch
 # what this is for: a tensor left on the wrong device (the first GPU run found one in the branches).
 #
@@ -47,6 +48,27 @@ for method in simclr byol barlow moco vicreg swav; do
     run "branch-$method" --method "$method" --strategy branch
 done
 run cassle-branch-simclr --method simclr --strategy cassle+branch
+# A streamed folder: batches decoded by DataLoader workers, pinned, copied to the GPU without waiting.
+FOLDER="$OUT/digits-folder"
+if [ "$DRY_RUN" != 1 ]; then
+    "$PYTHON" - "$FOLDER" <<'PY'
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from timm_branch.data import load_digits
+
+source = load_digits(32)
+for split in ("train", "test"):
+    data = getattr(source, split)
+    for i, (image, label) in enumerate(zip(data.images, data.labels.tolist())):
+        folder = Path(sys.argv[1]) / split / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+PY
+fi
+run stream-simclr --method simclr --strategy branch --data "$FOLDER" --stream --workers 4
 
 if [ "$DRY_RUN" != 1 ]; then
     if [ ${#FAILED[@]} -gt 0 ]; then

@@ -75,6 +75,17 @@ def test_selecting_rows_selects_files_as_on_the_tensor(streamed, in_memory):
             files[bad]
 
 
+def test_paths_survive_selection_and_concatenation_exactly(tmp_path):
+    names = [tmp_path / n for n in ("a.png", "sub dir/ünï.jpg", "b.PNG", "x/y/z.webp")]
+    files = ImageFiles(names, 4)
+    assert files.files == names and [files.path(i) for i in range(4)] == names
+    assert files[torch.tensor([3, 1, 1])].files == [names[3], names[1], names[1]]
+    assert files[torch.tensor([], dtype=torch.int64)].files == [] and len(files[2:2]) == 0
+    joined = ImageFiles.cat([files[1:], files[:2]])
+    assert joined.files == names[1:] + names[:2] and joined.shape == (5, 3, 4, 4)
+    assert files.at_size(9).files == names and files.at_size(9).image_size == 9 and files.image_size == 4
+
+
 def test_batches_decode_the_asked_rows_in_worker_processes(streamed, in_memory):
     files, pixels = streamed.train.images, in_memory.train.images
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
@@ -137,7 +148,7 @@ def test_scenarios_and_concatenation_keep_streamed_images_as_files(streamed, in_
     with pytest.raises(ValueError, match="stream every source"):
         concat_sources([streamed, mixed])
     with pytest.raises(ValueError, match="different sides"):
-        ImageFiles.cat([streamed.train.images, ImageFiles(streamed.train.images.files, 7)])
+        ImageFiles.cat([streamed.train.images, streamed.train.images.at_size(7)])
 
 
 def test_split_takes_files_and_checks_their_labels(streamed):

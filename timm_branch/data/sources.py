@@ -182,7 +182,7 @@ def resize_source(source: DataSource, image_size: int) -> DataSource:
         if split is None:
             return None
         if isinstance(split.images, ImageFiles):  # decoded later: at the new side, by decode_image
-            return Split(ImageFiles(split.images.files, image_size), split.labels)
+            return Split(split.images.at_size(image_size), split.labels)
         chunks = [resize_center_crop(c, image_size) for c in split.images.split(4096)]
         return Split(torch.cat(chunks), split.labels)
 

@@ -98,14 +98,8 @@ def test_momentum_and_distillation_strategies_run(tmp_path, method, strategy):
     assert '"knn_top1"' in metrics
 
 
-@pytest.mark.parametrize("config", [
-    dict(strategy="cassle+branch", method="byol", epochs=2),
-    # SwAV freezes its prototypes for the first epochs of a task: the crash falls in a frozen epoch.
-    dict(strategy="branch", method="swav", epochs=3),
-], ids=["cassle+branch-byol", "branch-swav"])
-def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatch, config):
-    reference = ContinualRun(_config(tmp_path / "a", **config), progress=False).run()
-
+def _crash_after_task_1_epoch_1(config: TrainConfig, monkeypatch) -> None:
+    """Run ``config`` until its checkpoint of task 1's first epoch is written, then crash."""
     original = ckpt.write_checkpoint
 
     def crash_after(run, task, epoch, *args):
@@ -115,11 +109,21 @@ def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatc
         return path
 
     monkeypatch.setattr(ckpt, "write_checkpoint", crash_after)
-    interrupted = _config(tmp_path / "b", **config)
     with pytest.raises(KeyboardInterrupt):
-        ContinualRun(interrupted, progress=False).run()
-    assert ckpt.finished_tasks(tmp_path / "b" / "run") == 1
+        ContinualRun(config, progress=False).run()
     monkeypatch.setattr(ckpt, "write_checkpoint", original)
+
+
+@pytest.mark.parametrize("config", [
+    dict(strategy="cassle+branch", method="byol", epochs=2),
+    # SwAV freezes its prototypes for the first epochs of a task: the crash falls in a frozen epoch.
+    dict(strategy="branch", method="swav", epochs=3),
+], ids=["cassle+branch-byol", "branch-swav"])
+def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatch, config):
+    reference = ContinualRun(_config(tmp_path / "a", **config), progress=False).run()
+    interrupted = _config(tmp_path / "b", **config)
+    _crash_after_task_1_epoch_1(interrupted, monkeypatch)
+    assert ckpt.finished_tasks(tmp_path / "b" / "run") == 1
     with pytest.raises(FileExistsError, match="--resume"):
         ContinualRun(interrupted, progress=False).run()
     resumed = ContinualRun(interrupted, progress=False).run(resume=True)
@@ -209,25 +213,33 @@ def test_domain_sequence_one_task_per_source(tmp_path):
     assert '"linear_top1": null' in metrics and '"knn_per_task"' in metrics
 
 
-def test_streamed_folder_trains_and_evaluates_exactly_as_in_memory(tmp_path):
-    """--stream: batches decoded in two DataLoader workers per epoch, evaluation features batch by
-    batch; the pixels are the in-memory load's, so weights and scores are equal, not close."""
-    import json
-
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory) -> str:
+    """``train/`` (4 classes of 24) and ``val/`` (4 of 6) PNGs of 20-22 x 24 px: resized and cropped at load."""
     import numpy as np
     from PIL import Image
 
+    root = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     for split, count in (("train", 24), ("val", 6)):
         for c in range(4):
-            folder = tmp_path / "imgs" / split / f"class{c}"
+            folder = root / split / f"class{c}"
             folder.mkdir(parents=True)
             for i in range(count):
                 pixels = rng.integers(0, 160, (20 + i % 3, 24, 3), dtype=np.uint8) + np.uint8(30 * c)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+    return str(root)
+
+
+def test_streamed_folder_trains_and_evaluates_exactly_as_in_memory(tmp_path, png_folder):
+    """--stream: batches decoded by two DataLoader workers that serve a whole task, evaluation
+    features batch by batch; the pixels are the in-memory load's, so weights and scores are equal,
+    not close."""
+    import json
+
     runs = {}
     for name, stream in (("memory", {}), ("streamed", dict(stream=True, workers=2))):
-        config = _config(tmp_path / name, data=[str(tmp_path / "imgs")], batch_size=16, epochs=2, linear_probe=True, **stream)
+        config = _config(tmp_path / name, data=[png_folder], batch_size=16, epochs=2, linear_probe=True, **stream)
         run = ContinualRun(config, progress=False)
         assert isinstance(run.images, torch.Tensor) != bool(stream)
         runs[name] = run.run().parent
@@ -238,6 +250,16 @@ def test_streamed_folder_trains_and_evaluates_exactly_as_in_memory(tmp_path):
     scores = [[{k: v for k, v in row.items() if k != "extra"} for row in m["rows"]] for m in metrics]  # extra: seconds
     assert scores[0] == scores[1] and metrics[0]["summary"] == metrics[1]["summary"]
     assert len(scores[0]) == 2 and scores[0][-1]["linear_top1"] is not None
+
+
+def test_streamed_run_resumed_mid_task_ends_as_the_in_memory_run(tmp_path, monkeypatch, png_folder):
+    """The workers' loader runs ahead across epochs; a resumed task starts it at the next epoch."""
+    tiny = dict(data=[png_folder], batch_size=16, epochs=3)
+    reference = ContinualRun(_config(tmp_path / "memory", **tiny), progress=False).run()
+    streamed = _config(tmp_path / "streamed", **tiny, stream=True, workers=1)
+    _crash_after_task_1_epoch_1(streamed, monkeypatch)
+    resumed = ContinualRun(streamed, progress=False).run(resume=True)
+    assert (resumed / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
 
 
 def test_saved_configuration_is_resolved(tmp_path):

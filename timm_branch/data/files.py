@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,25 +57,33 @@ def default_workers(processes: int = 1) -> int:
 
 
 class _FileBatches(torch.utils.data.Dataset):
-    """Item ``k``: batch ``k`` decoded, uint8 ``(B_k, 3, s, s)``, or the message of the first file
-    that cannot be read, so that the training process, not a worker, raises the error."""
+    """Decodes whole batches: ``__getitems__(rows)`` is uint8 ``(len(rows), 3, s, s)``, or the
+    message of the first file that cannot be read, so that the training process, not a worker,
+    raises the error."""
 
-    def __init__(self, files: ImageFiles, batches: list[np.ndarray]) -> None:
-        self.files, self.batches = files, batches
+    def __init__(self, files: ImageFiles) -> None:
+        self.files = files
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.files)
 
-    def __getitem__(self, k: int) -> torch.Tensor | str:
-        rows, size = self.batches[k], self.files.image_size
+    def __getitem__(self, row: int) -> torch.Tensor | str:
+        return self.__getitems__([row])
+
+    def __getitems__(self, rows: list[int]) -> torch.Tensor | str:
+        size = self.files.image_size
         out = torch.empty(len(rows), size, size, 3, dtype=torch.uint8)
         pixels = out.numpy()  # PIL's arrays are read-only: copy them in through numpy
         for j, i in enumerate(rows):
             try:
-                pixels[j] = decode_image(self.files.path(int(i)), size)
+                pixels[j] = decode_image(self.files.path(i), size)
             except ValueError as err:
                 return str(err)
         return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _as_is(batch: torch.Tensor | str) -> torch.Tensor | str:
+    return batch
 
 
 class ImageFiles:
@@ -172,17 +180,19 @@ class ImageFiles:
         ends = np.concatenate([p._ends + o for p, o in zip(parts, offsets)]).astype(np.int64)
         return parts[0]._with(np.concatenate([p._bytes for p in parts]), ends, sizes.pop())
 
-    def batches(self, batches: int | Sequence[torch.Tensor], workers: int | None = None,
+    def batches(self, batches: int | Iterable[torch.Tensor | Sequence[int]], workers: int | None = None,
                 device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
         """Decode batches in DataLoader worker processes; yield each as uint8 ``(B, 3, s, s)`` on
         ``device``.
 
         Args:
             batches: a batch size (every row in order, in batches of that many; the last may be
-                smaller), or the batches themselves: int64 row-index tensors, any device.
+                smaller), or the batches themselves: row indices (int64 tensors on any device, or
+                int sequences), from any iterable, which is read only as far as the workers have
+                got (they may run two batches each ahead of the batch in use), so it may be lazy
+                and long (all the epochs of a task).
             workers: decoding processes; ``0`` decodes in this process; ``None``: one per usable
-                core, at most 8, and with a batch size, one per 256 files (none below 256). Workers
-                decode up to two batches each ahead of the one in use.
+                core, at most 8, and with a batch size, one per 256 files (none below 256).
             device: where the batches go; on a GPU through pinned memory, without waiting.
 
         Raises:
@@ -191,19 +201,18 @@ class ImageFiles:
         if isinstance(batches, int):
             if batches < 1:
                 raise ValueError(f"batch size must be >= 1, got {batches}")
-            rows = [np.arange(i, min(i + batches, len(self))) for i in range(0, len(self), batches)]
+            rows: Iterable = (range(i, min(i + batches, len(self))) for i in range(0, len(self), batches))
             cap = len(self) // _FILES_PER_WORKER  # a few files: decoding here beats starting workers
         else:
-            rows = [np.asarray(torch.as_tensor(b).cpu(), dtype=np.int64) for b in batches]
+            rows = (torch.as_tensor(b).tolist() for b in batches)
             cap = _MAX_WORKERS
         if workers is None:
-            workers = min(default_workers(), cap, len(rows))
+            workers = min(default_workers(), cap)
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         device = torch.device(device)
         pin = device.type == "cuda"
-        # batch_size=None: each item already is a batch.
-        loader = torch.utils.data.DataLoader(_FileBatches(self, rows), batch_size=None,
+        loader = torch.utils.data.DataLoader(_FileBatches(self), batch_sampler=rows, collate_fn=_as_is,
                                              num_workers=workers, pin_memory=pin)
         for batch in loader:
             if isinstance(batch, str):

@@ -274,18 +274,33 @@ class ContinualRun:
     def _steps_per_epoch(self, task: int) -> int:
         return len(self._task_indices(task)) // self.config.batch_size
 
-    def _batches(self, order: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
-        """An epoch's uint8 global batches on the device: ``steps`` consecutive slices of ``order``.
+    def _epoch_order(self, indices: torch.Tensor, task: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The epoch's device generator, seeded from ``(seed, task, epoch)``, and the order of
+        ``indices`` it draws first (the augmentations draw from it next)."""
+        gen = torch.Generator(device=self.device).manual_seed(_seed(self.config, task, epoch))
+        return indices[torch.randperm(len(indices), generator=gen, device=self.device)], gen
 
-        A streamed folder decodes in worker processes while earlier batches train, each rank only
-        its own rows (:func:`~timm_branch.train.distributed.local_rows`); the other rows of a
-        rank's batch are zeros that nothing reads, since each rank augments its rows alone.
+    def _batches(self, indices: torch.Tensor, task: int, start: int, steps: int) -> Iterator[torch.Tensor]:
+        """The uint8 global batches on the device of epochs ``start..`` of ``task``: per epoch,
+        ``steps`` consecutive slices of :meth:`_epoch_order`.
+
+        A streamed folder decodes in one set of worker processes for the whole task, which run
+        ahead of the step in use across epoch ends; each rank decodes only its own rows
+        (:func:`~timm_branch.train.distributed.local_rows`): the other rows of a rank's batch are
+        zeros that nothing reads, since each rank augments its rows alone.
         """
-        b = self.config.batch_size
+        b, epochs = self.config.batch_size, range(start, self.config.epochs)
+
+        def chosen(host: bool) -> Iterator[torch.Tensor]:
+            for epoch in epochs:
+                order = self._epoch_order(indices, task, epoch)[0][: steps * b].view(steps, b)
+                # For the workers: on the host, one wait for the device per epoch, not per batch.
+                yield from order.cpu() if host else order
+
         if not isinstance(self.images, ImageFiles):
-            return (self.images[order[s * b:(s + 1) * b]] for s in range(steps))
+            return (self.images[rows] for rows in chosen(host=False))
         rows = distributed.local_rows(b)
-        local = self.images.batches(list(order[: steps * b].view(steps, b)[:, rows].cpu()), self._workers, self.device)
+        local = self.images.batches((c[rows] for c in chosen(host=True)), self._workers, self.device)
         if rows == slice(0, b):
             return local
 
@@ -315,11 +330,11 @@ class ContinualRun:
             start = epoch + 1
             log.info("task %d: resuming after epoch %d", task, epoch)
         indices = self._task_indices(task).to(self.device)
+        batches = self._batches(indices, task, start, steps)
         streak = 0  # non-finite steps in a row (nonfinite="skip")
         for epoch in range(start, cfg.epochs):
-            seed = _seed(cfg, task, epoch)
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
+            torch.manual_seed(_seed(cfg, task, epoch))
+            order, gen = self._epoch_order(indices, task, epoch)
             learner.backbone.train()
             learner.method.train()
             if learner.momentum is not None:
@@ -328,12 +343,11 @@ class ContinualRun:
                 if extra is not None:
                     extra.train()
             learner.method.on_epoch_start(epoch)
-            order = indices[torch.randperm(len(indices), generator=gen, device=self.device)]
             bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
             pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
-            for step, batch in zip(bar, self._batches(order, steps)):
+            for step, batch in zip(bar, batches):  # bar first: zip takes exactly this epoch's steps
                 chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 labels = None if self.labels is None else self.labels[chosen]
                 try:

@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="steps per epoch (default 8)")
     p.add_argument("--epochs", type=int, default=3, help="epochs of the task each pass trains (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="timed passes per variant, after one untimed (default 3)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes of the streamed run (default: the trainer's, the usable cores, at most 8)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes of the streamed run (default: the trainer's: 1 on the CPU, else the usable cores, at most 8)")
     p.add_argument("--folder", default=None, help="an image folder; default: seeded JPEGs written to a temporary folder")
     p.add_argument("--images", type=int, default=None, help="files in the default folder (default 2 x steps x batch: two tasks)")
     p.add_argument("--file-size", type=int, default=64, help="side of the default folder's files, px (default 64)")

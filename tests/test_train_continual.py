@@ -1,6 +1,7 @@
 """The continual trainer on the bundled digits with timm's tiny test_resnet: strategies, resume, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -242,6 +243,8 @@ def test_streamed_folder_trains_and_evaluates_exactly_as_in_memory(tmp_path, png
         config = _config(tmp_path / name, data=[png_folder], batch_size=16, epochs=2, linear_probe=True, **stream)
         run = ContinualRun(config, progress=False)
         assert isinstance(run.images, torch.Tensor) != bool(stream)
+        # Training on the CPU, one worker by default: the cores run the step (benchmarks/stream.py).
+        assert ContinualRun(dataclasses.replace(config, workers=None), progress=False)._workers == 1
         runs[name] = run.run().parent
     for task in (0, 1):
         got, expected = _weights(runs["streamed"], task), _weights(runs["memory"], task)

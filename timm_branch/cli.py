@@ -25,7 +25,7 @@ _HELP = {
     "pretrained": "start from weights: a timm name, hf-hub:org/name or local-dir:PATH",
     "data": "data sources: digits, cifar100:ROOT, a .npz file or an image folder (several for --scenario domain)",
     "stream": "image folders: decode each batch in DataLoader workers instead of all images up front (folders larger than memory)",
-    "workers": "processes decoding image folders (default: the cores shared among this machine's ranks, at most 8 each; 0: in the training process)",
+    "workers": "processes decoding image folders (default: 1 when training on the CPU, else the cores shared among this machine's ranks, at most 8 each; 0: in the training process)",
     "scenario": "class | data | domain",
     "num_tasks": "number of tasks (class/data scenarios)",
     "method": "simclr | byol | barlow | moco | vicreg | swav",

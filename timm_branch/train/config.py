@@ -47,7 +47,7 @@ class TrainConfig:
     pretrained: str | None = None  # a timm name, "hf-hub:org/name" or "local-dir:PATH"; replaces model
     data: list[str] = field(default_factory=lambda: ["digits"])
     stream: bool = False  # image folders: decode batch by batch in DataLoader workers, not all up front
-    workers: int | None = None  # processes decoding image folders; None: the cores shared among a machine's ranks, <= 8 each; 0: none
+    workers: int | None = None  # processes decoding image folders; None: 1 on the CPU, else a machine's cores shared among its ranks, <= 8 each
     scenario: str = "class"
     num_tasks: int = 5
     split_seed: int | None = None

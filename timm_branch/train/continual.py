@@ -148,8 +148,10 @@ class ContinualRun:
         images = self.scenario.source.train.images
         # In memory: all of it on the device once. Streamed: decoded batch by batch (_batches).
         self.images = images if isinstance(images, ImageFiles) else images.to(self.device)
-        # The ranks of a machine share its cores for decoding.
-        self._workers = config.workers if config.workers is not None else default_workers(distributed.local_world_size())
+        # The ranks of a machine share its cores for decoding; training on the CPU, its cores run the
+        # step, and more workers than one would take them from it (measured: benchmarks/stream.py).
+        self._workers = config.workers if config.workers is not None else (
+            1 if self.device.type == "cpu" else default_workers(distributed.local_world_size()))
         train_labels = self.scenario.source.train.labels
         if config.online_probe and train_labels is None:
             raise ValueError("online_probe needs labelled training data; the data source has no labels")

@@ -75,7 +75,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,9 @@ from torch import Tensor, nn
 
 from .._io import atomic_write, atomic_write_json
 from .hooks import LAYER_TYPES, LayerCapture, base_name, layer_types, select_layers
+
+if TYPE_CHECKING:  # the data package is imported where it is used: evaluation needs none of it
+    from ..data import ImageFiles
 
 __all__ = [
     "CKAResult",
@@ -709,12 +712,12 @@ def _source(spec: str, size: int):
     return load_source(spec, size, stream=is_folder_spec(spec))
 
 
-def _decoded(images) -> Tensor:
+def _decoded(images: Tensor | ImageFiles) -> Tensor:
     """The uint8 pixels of the images chosen: a tensor as it is, a folder's files decoded."""
     return images if isinstance(images, Tensor) else images.decode()
 
 
-def _subset(images: Tensor, num: int | None, seed: int) -> Tensor:
+def _subset(images: Tensor | ImageFiles, num: int | None, seed: int) -> Tensor | ImageFiles:
     if num is None or num >= images.shape[0]:
         return images
     if num < 4:
@@ -723,7 +726,7 @@ def _subset(images: Tensor, num: int | None, seed: int) -> Tensor:
     return images[keep.sort().values]
 
 
-def _by_classes(split, classes: Sequence[int] | None, what: str) -> Tensor:
+def _by_classes(split, classes: Sequence[int] | None, what: str) -> Tensor | ImageFiles:
     if classes is None:
         return split.images
     if split.labels is None:
@@ -734,7 +737,7 @@ def _by_classes(split, classes: Sequence[int] | None, what: str) -> Tensor:
     return split.images[mask]
 
 
-def _images_from_run(args) -> tuple[Tensor | None, Tensor, int, list[str]]:
+def _images_from_run(args) -> tuple[Tensor | ImageFiles | None, Tensor | ImageFiles, int, list[str]]:
     """(old images, new images, image size, data specs) of task ``args.task`` of the run ``args.run``."""
     from ..data import build_scenario
     from ..train.config import TrainConfig

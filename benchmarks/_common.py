@@ -250,20 +250,13 @@ def add_task_one_options(p: argparse.ArgumentParser, strategies: Sequence[str]) 
 
 def task_one_learner(run, total_steps: int) -> tuple[object, torch.optim.Optimizer, object]:
     """``run``'s (a ``ContinualRun``) learner for task 1, prepared as the trainer prepares it
-    (``_initial_learner``, ``_prepare_task``: with a branch strategy, the first Branch-tuning task),
-    in train mode, with the recipe's optimiser and a warmup-free schedule of ``total_steps`` steps
-    (``build_optimizer`` / ``build_scheduler`` on ``_trainable``, as ``_train_task`` builds them).
-    Returns ``(learner, optimizer, scheduler)``."""
-    from timm_branch.train.optim import build_optimizer, build_scheduler
-
+    (``_initial_learner``, ``_prepare_task``: with a branch strategy, the first Branch-tuning task;
+    ``_start_epoch``), with the trainer's optimiser and a warmup-free schedule of ``total_steps``
+    steps (``_optimizer``). Returns ``(learner, optimizer, scheduler)``."""
     learner = run._initial_learner()
     run._prepare_task(learner, 1)
-    optimizer = build_optimizer(run.config.optimizer or run.recipe.optimizer, run._trainable(learner), run.lr, run.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps, 0)
-    for net in (learner.backbone, learner.method, learner.momentum, learner.distiller):
-        if net is not None:
-            net.train()
-    learner.method.on_epoch_start(0)
+    run._start_epoch(learner, 0)
+    optimizer, scheduler = run._optimizer(learner, total_steps, 0)
     return learner, optimizer, scheduler
 
 

@@ -8,13 +8,13 @@ default ``--strategy branch`` the first Branch-tuning task). The pixels are the 
 (one decoder), so both train the same way; only where the images come from differs.
 
 A pass of a variant is task 1 as the trainer runs it: ``--epochs`` epochs of ``--steps`` steps,
-the batches from the run's ``_batches`` (its seeded per-epoch orders; in memory: rows of the uint8
+the batches from the run's ``_epochs`` (its seeded per-epoch orders; in memory: rows of the uint8
 tensor on the device; streamed: batches decoded by ``--workers`` DataLoader processes that serve
 the whole task, running ahead across epoch ends, pinned and copied to the device while earlier
 steps run), each fed to ``ContinualRun._step`` (augmentation, forward, loss, backward, optimiser).
 It is timed from asking for the first batch (so the streamed pass pays its workers' start, once
 per task as in training) to the end of its last step (``torch.cuda.synchronize`` on CUDA), and
-reported per epoch. ``decode`` is the streamed run's ``_batches`` alone, with no step: how many
+reported per epoch. ``decode`` is the streamed run's ``_epochs`` alone, with no step: how many
 images/s the workers decode and deliver.
 
 Variants alternate pass by pass, ``--rounds`` timed rounds after one untimed; reported: the
@@ -75,10 +75,11 @@ def task_seconds(run, learner, optimizer, scheduler, indices: torch.Tensor, step
     sync = common.synchronizer(run.device)
     sync()
     started = time.perf_counter()
-    for batch in run._batches(indices, 1, 0, steps):
-        if train:
-            run._step(learner, batch, None, gen, optimizer, scheduler, counter[0], counter[1])
-            counter[0] += 1
+    for _, _, batches in run._epochs(indices, 1, 0, steps):
+        for batch in batches:
+            if train:
+                run._step(learner, batch, None, gen, optimizer, scheduler, counter[0], counter[1])
+                counter[0] += 1
     sync()
     return (time.perf_counter() - started) / run.config.epochs
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -146,7 +147,7 @@ class ContinualRun:
         self._check_data()
         self._check_model()
         images = self.scenario.source.train.images
-        # In memory: all of it on the device once. Streamed: decoded batch by batch (_batches).
+        # In memory: all of it on the device once. Streamed: decoded batch by batch (_streamed).
         self.images = images if isinstance(images, ImageFiles) else images.to(self.device)
         # The ranks of a machine share its cores for decoding; training on the CPU, its cores run the
         # step, and more workers than one would take them from it (measured: benchmarks/stream.py).
@@ -282,27 +283,36 @@ class ContinualRun:
         gen = torch.Generator(device=self.device).manual_seed(_seed(self.config, task, epoch))
         return indices[torch.randperm(len(indices), generator=gen, device=self.device)], gen
 
-    def _batches(self, indices: torch.Tensor, task: int, start: int, steps: int) -> Iterator[torch.Tensor]:
-        """The uint8 global batches on the device of epochs ``start..`` of ``task``: per epoch,
-        ``steps`` consecutive slices of :meth:`_epoch_order`.
+    def _epochs(self, indices: torch.Tensor, task: int, start: int,
+                steps: int) -> Iterator[tuple[torch.Tensor, torch.Generator, Iterator[torch.Tensor]]]:
+        """Per epoch ``start..`` of ``task``: its order and generator (:meth:`_epoch_order`) and
+        its ``steps`` uint8 global batches on the device, consecutive slices of the order."""
+        b = self.config.batch_size
+        streamed = self._streamed(indices, task, start, steps) if isinstance(self.images, ImageFiles) else None
+        for epoch in range(start, self.config.epochs):
+            order, gen = self._epoch_order(indices, task, epoch)
+            if streamed is None:
+                yield order, gen, (self.images[order[s * b:(s + 1) * b]] for s in range(steps))
+            else:
+                yield order, gen, itertools.islice(streamed, steps)
 
-        A streamed folder decodes in one set of worker processes for the whole task, which run
-        ahead of the step in use across epoch ends; each rank decodes only its own rows
-        (:func:`~timm_branch.train.distributed.local_rows`): the other rows of a rank's batch are
-        zeros that nothing reads, since each rank augments its rows alone.
+    def _streamed(self, indices: torch.Tensor, task: int, start: int, steps: int) -> Iterator[torch.Tensor]:
+        """The batches of epochs ``start..`` of ``task`` from a streamed folder, decoded by one set
+        of worker processes for the whole task, which run ahead of the step in use across epoch
+        ends (so they draw each epoch's order themselves, before the training loop does).
+
+        Each rank decodes only its own rows (:func:`~timm_branch.train.distributed.local_rows`):
+        the other rows of a rank's batch are zeros that nothing reads, since each rank augments
+        its rows alone.
         """
-        b, epochs = self.config.batch_size, range(start, self.config.epochs)
+        b, rows = self.config.batch_size, distributed.local_rows(self.config.batch_size)
 
-        def chosen(host: bool) -> Iterator[torch.Tensor]:
-            for epoch in epochs:
-                order = self._epoch_order(indices, task, epoch)[0][: steps * b].view(steps, b)
-                # For the workers: on the host, one wait for the device per epoch, not per batch.
-                yield from order.cpu() if host else order
+        def chosen() -> Iterator[torch.Tensor]:
+            for epoch in range(start, self.config.epochs):
+                # On the host for the workers: one wait for the device per epoch, not per batch.
+                yield from self._epoch_order(indices, task, epoch)[0][: steps * b].view(steps, b)[:, rows].cpu()
 
-        if not isinstance(self.images, ImageFiles):
-            return (self.images[rows] for rows in chosen(host=False))
-        rows = distributed.local_rows(b)
-        local = self.images.batches((c[rows] for c in chosen(host=True)), self._workers, self.device)
+        local = self.images.batches(chosen(), self._workers, self.device)
         if rows == slice(0, b):
             return local
 
@@ -313,15 +323,28 @@ class ContinualRun:
 
         return map(placed, local)
 
-    def _train_task(self, learner: Learner, task: int) -> None:
+    def _optimizer(self, learner: Learner, total: int, warmup: int) -> tuple[torch.optim.Optimizer, object]:
+        """The optimiser of ``learner``'s trainable tensors (and the online probe's own group) and
+        its warmup-cosine schedule over ``total`` steps, ``warmup`` of them warm-up."""
         cfg = self.config
-        steps = self._steps_per_epoch(task)
-        total = steps * cfg.epochs
         optimizer = build_optimizer(cfg.optimizer or self.recipe.optimizer, self._trainable(learner), self.lr, self.weight_decay)
         if learner.probe is not None:
             # solo-learn's online classifier: its own learning rate, no weight decay, no LARS scaling.
             optimizer.add_param_group(dict(params=list(learner.probe.parameters()), lr=ONLINE_PROBE_LR, weight_decay=0.0, lars_exclude=True))
-        scheduler = build_scheduler(optimizer, total, steps * cfg.warmup_epochs)
+        return optimizer, build_scheduler(optimizer, total, warmup)
+
+    def _start_epoch(self, learner: Learner, epoch: int) -> None:
+        """Every trained network in train mode, and the method told which epoch begins."""
+        for net in (learner.backbone, learner.method, learner.momentum, learner.distiller, learner.probe):
+            if net is not None:
+                net.train()
+        learner.method.on_epoch_start(epoch)
+
+    def _train_task(self, learner: Learner, task: int) -> None:
+        cfg = self.config
+        steps = self._steps_per_epoch(task)
+        total = steps * cfg.epochs
+        optimizer, scheduler = self._optimizer(learner, total, steps * cfg.warmup_epochs)
         start = 0
         saved = ckpt.read_checkpoint(self.run_dir, task)
         if saved is not None:
@@ -332,24 +355,15 @@ class ContinualRun:
             start = epoch + 1
             log.info("task %d: resuming after epoch %d", task, epoch)
         indices = self._task_indices(task).to(self.device)
-        batches = self._batches(indices, task, start, steps)
         streak = 0  # non-finite steps in a row (nonfinite="skip")
-        for epoch in range(start, cfg.epochs):
+        for epoch, (order, gen, batches) in enumerate(self._epochs(indices, task, start, steps), start):
             torch.manual_seed(_seed(cfg, task, epoch))
-            order, gen = self._epoch_order(indices, task, epoch)
-            learner.backbone.train()
-            learner.method.train()
-            if learner.momentum is not None:
-                learner.momentum.train()
-            for extra in (learner.distiller, learner.probe):
-                if extra is not None:
-                    extra.train()
-            learner.method.on_epoch_start(epoch)
+            self._start_epoch(learner, epoch)
             bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
             pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
-            for step, batch in zip(bar, batches):  # bar first: zip takes exactly this epoch's steps
+            for step, batch in zip(bar, batches):
                 chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 labels = None if self.labels is None else self.labels[chosen]
                 try:

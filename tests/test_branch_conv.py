@@ -79,6 +79,27 @@ def test_gradients_equal_autograd_in_float64(name, shape, size):
         assert max_rel_err(g, e) < 1e-12
 
 
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(16, 32, 3, padding=1), lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                                  lambda: nn.Conv2d(16, 32, 5, padding=2, groups=4)], ids=["plain", "strided", "grouped"])
+def test_float32_kernels_give_the_float64_gradients(make, memory_format):
+    """float32 runs other CPU kernels (oneDNN) than float64: the tap gradients, whose sub-kernels
+    are only shaped like the kernel, must still be float64's up to float32 rounding."""
+    conv = make().requires_grad_(False)
+    branch = attach_branch(conv, "cross")
+    with torch.no_grad():
+        branch.branch.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 16, 12, 11, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(conv).to(dtype)
+        xi = x.to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+        delta = get_branch(model).branch
+        grads.append(torch.autograd.grad(model(xi).pow(2).sum(), [xi, delta]))
+    for g, e in zip(*grads):
+        assert max_rel_err(g.double(), e) < 1e-5
+
 def test_a_frozen_first_conv_gets_no_input_gradient_computed():
     conv = nn.Conv2d(3, 4, 3, padding=1).double().requires_grad_(False)
     branch = attach_branch(conv, "cross")

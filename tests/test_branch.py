@@ -157,6 +157,16 @@ def test_merge_keeps_parameter_identity_layout_and_flag():
     assert list(conv.state_dict()) == ["weight"] and get_branch(conv) is None
 
 
+
+@pytest.mark.parametrize("shape", ["1x1", "cross", "full"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_the_effective_weight_keeps_the_kernels_layout(shape, memory_format):
+    """A kernel in another layout than the conv's input is copied by the convolution (cuDNN,
+    oneDNN) at every forward and backward: W + delta must be laid out as W."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).to(memory_format=memory_format)
+    attach_branch(conv, shape)
+    assert conv.weight.is_contiguous(memory_format=memory_format)
+
 def test_merge_keeps_the_parameter_order_of_a_conv_with_bias():
     conv = nn.Conv2d(3, 4, 3, bias=True)
     attach_branch(conv)

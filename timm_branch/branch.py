@@ -103,7 +103,10 @@ class ConvBranch(nn.Module):
             effective = grid + self.branch
         else:
             # Adding the zeros off the taps would be exact too, but index_add touches the taps only.
-            effective = grid.index_add(-1, self.taps, self.branch)
+            # Into a clone, which keeps the weight's layout (out-of-place index_add returns a
+            # contiguous tensor): a channels_last conv would otherwise copy its kernel back to
+            # channels_last at every forward and backward.
+            effective = grid.clone().index_add_(-1, self.taps, self.branch)
         return effective.view(weight.shape)
 
     def delta(self) -> torch.Tensor:

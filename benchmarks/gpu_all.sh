@@ -2,8 +2,9 @@
 # Every GPU measurement of the GPU speed issue, in one run of under 8 minutes on one H100:
 # step-time and memory ratios (step_time.py: resnet18 at 32 and 224 px, resnet50 at 224 px), the
 # data-pipeline share and throughput (pipeline.py: SimCLR and BYOL), a streamed folder against
-# the same folder in memory (stream.py), and add / merge time (merge_time.py); bf16 autocast and channels_last throughout, eager and compiled, with two
-# diagnostics of the eager step (profiled, and with cudnn.benchmark).
+# the same folder in memory (stream.py), and add / merge time (merge_time.py); bf16 autocast and channels_last throughout, eager and compiled, with three
+# diagnostics of the eager step (tap against full weight gradients conv by conv, profiled, and
+# with cudnn.benchmark).
 #
 #   PYTHONPATH=. bash benchmarks/gpu_all.sh        # from the repository root
 #
@@ -86,6 +87,8 @@ fi
 # trainer's --compile inductor), and the diagnostics and the re-measurements.
 run step-resnet18-32-eager 120 benchmarks/step_time.py "${GPU[@]}" --model resnet18 --img-size 32 --batch-size 256 --warmup 5 --steps 30
 run step-resnet18-32-compiled 240 benchmarks/step_time.py "${GPU[@]}" --compile --variants fine-tune,branch-1x1,branch-cross,branch-full --model resnet18 --img-size 32 --batch-size 256 --warmup 5 --steps 30
+# Are the branch taps' weight gradients cheaper than the full kernel's with cuDNN at these shapes?
+run tap-grad-resnet18-224 60 benchmarks/tap_grad.py "${GPU[@]}" --model resnet18 --img-size 224 --batch-size 128 --warmup 5 --rounds 20
 run step-resnet50-224-eager 150 benchmarks/step_time.py "${GPU[@]}" --model resnet50 --img-size 224 --batch-size 128 --warmup 5 --steps 30
 run pipeline-eager 120 benchmarks/pipeline.py "${GPU[@]}" --methods simclr,byol --batch-size 256 --warmup 5 --steps 30
 # A folder streamed by DataLoader workers (--stream) against the same folder in memory, 224 px.

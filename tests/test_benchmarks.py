@@ -79,6 +79,18 @@ def test_merge_time_smoke(tmp_path):
     assert re.search(rf"^\| resnet18 \| 20 \| [\d.]+ \| [\d.]+ \| [\d.-]+ \| {RATIO} \| [\d.]+ \| [\d.-]+ \| {RATIO} \|$", md.read_text(), re.M)
 
 
+def test_tap_grad_smoke(tmp_path):
+    md = tmp_path / "results.md"
+    out = run_script("tap_grad.py", "--smoke", "--precision", "bf16", "--channels-last", "--markdown", str(md))
+    for shape in ("1x1", "cross"):
+        assert re.search(rf"^{shape}: tap gradient {RATIO} the full weight gradient \(work \d/9 for a 3x3 kernel\); "
+                         rf"backward \(input \+ weight gradient\) {RATIO} fine-tuning's$", out, re.M), out
+    # resnet18's stem and its sixteen 3x3 convs, in eight shapes; its 1x1 downsampling convs are left out.
+    rows = re.findall(r"^\| (\d+x\d+x\dx\d) \| 2x\d+x\d+x\d+ \| [12] \| (\d+) \|", md.read_text(), re.M)
+    assert len(rows) == 8 and sum(int(n) for _, n in rows) == 17 and ("64x3x7x7", "1") in rows, md.read_text()
+    assert "## CPU tap gradient vs full weight gradient: resnet18, 32 px, bf16, channels_last" in md.read_text()
+
+
 @pytest.mark.slow
 def test_step_time_compiled_branch_smoke():
     """dynamo and AOTAutograd through the branched conv (what the GPU script's compiled runs need)."""

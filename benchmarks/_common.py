@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: device, precision and compilation options, the
 training step that ``step_time.py`` and ``merge_time.py`` time, the trainer's task-1 learner that
-``pipeline.py`` and ``stream.py`` drive, interleaved timing, CUDA peak memory, machine information
-and the text / Markdown tables.
+``pipeline.py`` and ``stream.py`` drive, interleaved timing, peak tensor memory (CPU and CUDA),
+machine information and the text / Markdown tables.
 
 The scripts import it as ``_common`` (Python puts the script's own folder, ``benchmarks/``, first
 on ``sys.path``).
@@ -230,6 +230,37 @@ def cuda_peak_increase(step: Callable[[], object], n_steps: int, device: torch.d
     sync()
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
+
+def cpu_peak_increase(step: Callable[[], object], n_steps: int) -> float:
+    """Peak bytes of CPU tensors allocated while running ``n_steps`` steps and alive at one time,
+    in MiB: the CPU counterpart of :func:`cuda_peak_increase`.
+
+    Read from the profiler's memory events (``torch.profiler.profile(profile_memory=True)``): every
+    tensor allocation and free during the steps, summed in time order. It counts live tensors, not
+    the process's resident set, so it does not depend on how malloc reuses or returns freed
+    memory. A tensor allocated before the steps and freed during them is not subtracted (the
+    profiler does not know its size): the figure can err high, not low.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(n_steps):
+            step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+CPU_MEMORY_METHOD = (
+    "peak bytes of CPU tensors alive at one time during the variant's first {n} step(s), from the "
+    "profiler's memory events (in this process, before the timed rounds)"
+)
 
 CUDA_MEMORY_METHOD = (
     "torch.cuda.max_memory_allocated during the variant's first {n} step(s), minus "

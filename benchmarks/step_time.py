@@ -56,19 +56,12 @@ Peak memory on CUDA: one variant after the other, in this process, before the ti
 caching allocator counts live tensors only, so the other variants' models are in the baseline).
 These steps are extra warm-up for the timing.
 
-Peak memory on the CPU: each variant runs in a fresh subprocess (this script with a private
-``--_memory-worker`` flag), with the same model, batch and thread count. The worker builds the model
-and variant, optimiser and batch, runs ``gc.collect()`` and glibc ``malloc_trim(0)``, records the
-resident set size ``VmRSS`` as the baseline and resets the process's peak RSS by writing ``5`` to
-``/proc/self/clear_refs`` (which sets ``VmHWM`` to the current RSS); it then runs ``--warmup`` +
-``--steps`` steps and reads ``VmHWM`` from ``/proc/self/status``. The reported number is
-``VmHWM - baseline``: the peak RSS increase during the training steps (activations kept for backward,
-gradients, optimiser momentum, the effective branch weights, allocator slack), not counting the model
-itself. Where ``clear_refs`` cannot be written, the peak is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-after the steps instead, which also covers any higher peak while the model was built (the method
-used is printed). With ``--smoke`` the CPU memory is measured in this process, one variant after
-the other (fast, but the numbers are not comparable: the allocator reuses memory freed by earlier
-variants), over one step. On either device the ratio is ``increase(variant) / increase(fine-tune)``.
+Peak memory on the CPU, likewise in this process before the timed rounds (since 2026-11-28; before,
+the peak resident-set increase of a fresh process per variant, which moved with how malloc reused
+memory): the peak bytes of CPU tensors alive at one time during the variant's first
+``max(1, --warmup)`` steps, summed in time order from the profiler's memory events
+(``_common.cpu_peak_increase``); like CUDA's figure it counts tensors, not allocator slack.
+On either device the ratio is ``increase(variant) / increase(fine-tune)``.
 
 Run (from the repository root)::
 
@@ -86,12 +79,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
-import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -108,7 +95,6 @@ FROZEN_BN = "frozen-bn"
 ALL_VARIANTS = (BASELINE, FROZEN_BN, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
 TARGETS = {"1x1": 0.80, "cross": 0.90, "full": 1.00}
 """Step time of ``branch-<shape>`` over fine-tuning that the GPU speed issue asks for."""
-_MEMORY_MARKER = "MEMORY_RESULT "
 _GPU_ZERO_INIT_TOLERANCE = 1e-2
 """Largest zero-init output difference accepted on a GPU, relative to the largest output."""
 
@@ -325,87 +311,6 @@ def first_steps(steps: dict[str, Callable[[], None]], sync: Callable[[], None]) 
 
 
 # --------------------------------------------------------------------------------------------------
-# Peak memory on the CPU
-# --------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure_peak(step: Callable[[], None], n_steps: int) -> dict[str, object]:
-    """Run ``n_steps`` steps; return the peak RSS increase over the RSS just before (MiB)."""
-    gc.collect()
-    _malloc_trim()
-    baseline = _status_kib("VmRSS")
-    if baseline is not None and _reset_peak_rss():
-        method = "VmHWM after clear_refs"
-    else:
-        method = "ru_maxrss"
-        if baseline is None:  # no /proc: the whole-process peak so far is the best baseline we have
-            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(n_steps):
-        step()
-    peak = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mib": (peak - baseline) / 1024, "baseline_mib": baseline / 1024, "method": method}
-
-
-def memory_worker(args: argparse.Namespace, device: torch.device) -> None:
-    """Body of the fresh subprocess: build one variant and measure its peak RSS increase."""
-    variant = args._memory_worker
-    base = common.build_model(args.model, args.seed, device, args.channels_last)
-    x = common.make_batch(args.batch_size, args.img_size, args.seed, device, args.channels_last)
-    step, _ = prepare_variant(args, base, variant, x, check=False)
-    del base
-    result = measure_peak(step, args.warmup + args.steps)
-    result["variant"] = variant
-    print(_MEMORY_MARKER + json.dumps(result), flush=True)
-
-
-def memory_in_subprocesses(args: argparse.Namespace, variants: list[str]) -> dict[str, dict]:
-    results = {}
-    forwarded = [
-        "--device", "cpu", "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-        "--lr", str(args.lr), "--momentum", str(args.momentum), "--seed", str(args.seed),
-        "--precision", args.precision, "--compile-backend", args.compile_backend,
-        *(["--channels-last"] if args.channels_last else []), *(["--compile"] if args.compile else []),
-    ]  # fmt: skip
-    for variant in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_memory-worker", variant, *forwarded]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MEMORY_MARKER)]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"memory worker for {variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(lines[-1][len(_MEMORY_MARKER):])
-        print(f"  memory {variant}: +{results[variant]['peak_mib']:.1f} MiB", file=sys.stderr, flush=True)
-    return results
-
-
-# --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
 
@@ -492,7 +397,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--profile", action="store_true", help="after timing, print a torch.profiler summary of a few steps per variant")
     p.add_argument("--smoke", action="store_true", help="quick check that everything runs: 32 px, batch 4, no warm-up, 2 steps, 1 thread unless --threads, CPU memory in-process over 1 step")
-    p.add_argument("--_memory-worker", dest="_memory_worker", default=None, help=argparse.SUPPRESS)
     common.add_run_options(p)
     args = p.parse_args(argv)
     if args.smoke:
@@ -525,9 +429,6 @@ def profile_step(name: str, step: Callable[[], None], device: torch.device, n: i
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = common.setup_run(args)
-    if args._memory_worker:
-        memory_worker(args, device)
-        return 0
     sync = common.synchronizer(device)
     variants = args.variant_list
     base = common.build_model(args.model, args.seed, device, args.channels_last)
@@ -540,24 +441,17 @@ def main(argv: list[str] | None = None) -> int:
 
     memory: dict[str, float] | None = None
     memory_method = "not measured (--no-memory)"
-    if not args.no_memory and device.type == "cuda":
+    if not args.no_memory:
+        # Extra warm-up steps for the timing that follows.
         n = max(1, args.warmup)
-        memory = {v: common.cuda_peak_increase(steps[v], n, device) for v in variants}
-        memory_method = common.CUDA_MEMORY_METHOD.format(n=n)
+        if device.type == "cuda":
+            memory = {v: common.cuda_peak_increase(steps[v], n, device) for v in variants}
+            memory_method = common.CUDA_MEMORY_METHOD.format(n=n)
+        else:
+            memory = {v: common.cpu_peak_increase(steps[v], n) for v in variants}
+            memory_method = common.CPU_MEMORY_METHOD.format(n=n)
     print(f"timing {len(variants)} variants: {args.warmup} warm-up + {args.steps} interleaved steps each ...", file=sys.stderr, flush=True)
     times = common.time_interleaved(steps, args.warmup, args.steps, sync)
-    if not args.no_memory and device.type == "cpu":
-        if args.smoke:
-            memory = {v: measure_peak(steps[v], 1)["peak_mib"] for v in variants}
-            memory_method = "in-process, one variant after another (--smoke: not comparable)"
-        else:
-            measured = memory_in_subprocesses(args, variants)
-            memory = {v: m["peak_mib"] for v, m in measured.items()}
-            how = {m["method"] for m in measured.values()}
-            memory_method = (
-                f"peak RSS increase during {args.warmup + args.steps} steps, fresh process per variant "
-                f"({', '.join(sorted(how))}; baseline = VmRSS after building model, optimiser and batch)"
-            )
     if args.profile:
         for v in variants:
             profile_step(v, steps[v], device)

@@ -128,3 +128,19 @@ def test_gpu_all_calls_existing_scripts_and_options(tmp_path, monkeypatch):
             module.parse_args(cmd[2:])
         except SystemExit as err:  # argparse rejects an unknown option or a bad value
             pytest.fail(f"{shlex.join(cmd)}: the script's options reject it (exit {err.code})")
+
+
+def test_cpu_peak_memory_counts_the_tensors_alive_at_once(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+
+    common = importlib.import_module("_common")
+    held = []
+
+    def step() -> None:
+        first = torch.empty(2**20, dtype=torch.uint8)
+        second = torch.empty(3 * 2**20, dtype=torch.uint8)  # 4 MiB alive here
+        del first, second
+        held.append(torch.empty(2**19, dtype=torch.uint8))  # kept: the second step peaks at 4.5 MiB
+
+    assert common.cpu_peak_increase(step, 2) == pytest.approx(4.5, abs=0.01)

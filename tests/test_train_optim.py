@@ -10,31 +10,42 @@ from torch import nn
 from timm_branch.train.optim import LARS, build_optimizer, build_scheduler, param_groups, warmup_cosine
 
 
-def test_lars_step_by_hand():
-    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))  # ||w|| = 5
+@pytest.mark.parametrize("lr", [0.3, 0.4, 0.6])
+def test_lars_step_is_the_smaller_of_trust_ratio_and_lr(lr):
+    """solo-learn's and CaSSLe's clipping: ``||w|| = ||g|| = 1``, eta 0.02 gives a step of 0.02 at
+    any learning rate above it (clipping the ratio itself at 1 gave ``lr * 0.02``)."""
+    w = nn.Parameter(torch.tensor([0.6, 0.8], dtype=torch.float64))
     w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    opt = LARS([w], lr=0.1, momentum=0.0, weight_decay=0.0, eta=0.02)
-    opt.step()
-    # trust ratio = 0.02 * 5 / 1 = 0.1 -> update = 0.1 * 0.1 * g
-    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0 - 0.01], dtype=torch.float64), rtol=0, atol=1e-15)
+    LARS([w], lr=lr, momentum=0.0, weight_decay=0.0, eta=0.02).step()
+    assert torch.equal(w.detach(), torch.tensor([0.6, 0.8 - 0.02], dtype=torch.float64))
 
 
-def test_lars_clips_the_ratio_and_excludes_groups():
+def test_lars_clipped_at_the_learning_rate():
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))  # ||w|| = 5
+    w.grad = torch.tensor([0.0, 0.01], dtype=torch.float64)  # ratio 0.02 * 5 / 0.01 = 10 > lr -> step lr * g
+    LARS([w], lr=0.1, momentum=0.0, eta=0.02).step()
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0 - 0.001], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_lars_decay_in_the_denominator_and_excluded_groups():
     w = nn.Parameter(torch.tensor([300.0, 400.0], dtype=torch.float64))
     w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
     b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
     b.grad = torch.tensor([2.0], dtype=torch.float64)
     opt = LARS([dict(params=[w]), dict(params=[b], lars_exclude=True, weight_decay=0.0)], lr=0.1, momentum=0.0, weight_decay=0.5)
     opt.step()
-    # w: g + 0.5 w = [150, 201]; ratio 0.02 * 500 / ||[150, 201]|| = 10 / 250.8 < 1 -> not clipped
-    g = torch.tensor([150.0, 201.0], dtype=torch.float64)
-    expected = torch.tensor([300.0, 400.0], dtype=torch.float64) - 0.1 * g * (10 / torch.linalg.vector_norm(g))
+    # ratio 0.02 * 500 / (||g|| + 0.5 * 500) = 10 / 251 < lr: the step is ratio * (g + 0.5 w)
+    expected = torch.tensor([300.0, 400.0], dtype=torch.float64) - (10 / 251) * torch.tensor([150.0, 201.0], dtype=torch.float64)
     assert torch.allclose(w.detach(), expected, rtol=1e-14)
     assert b.item() == pytest.approx(1.0 - 0.1 * 2.0)  # plain SGD, no decay
-    v = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
-    v.grad = torch.tensor([0.0, 0.01], dtype=torch.float64)  # ratio 0.02 * 5 / 0.01 = 10 -> clipped to 1
-    LARS([v], lr=0.1, momentum=0.0).step()
-    assert torch.allclose(v.detach(), torch.tensor([3.0, 4.0 - 0.001], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_lars_zero_weight_takes_the_plain_gradient():
+    """A zero-initialised branch: ``||w|| = 0``, so the reference applies neither ratio nor decay."""
+    w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    LARS([w], lr=0.4, momentum=0.0, weight_decay=0.1).step()
+    assert torch.equal(w.detach(), torch.tensor([0.0, -0.4], dtype=torch.float64))
 
 
 def test_param_groups_exclude_one_dimensional_and_frozen():
@@ -101,9 +112,8 @@ def test_lars_follows_the_per_parameter_formula_over_steps():
                 continue
             wd, excluded, clip = settings[i]
             if not excluded:
-                g = g + wd * expected[i]
-                ratio = 0.02 * expected[i].norm() / g.norm()
-                g = g * (ratio.clamp(max=1.0) if clip else ratio)
+                ratio = 0.02 * expected[i].norm() / (g.norm() + wd * expected[i].norm())
+                g = (g + wd * expected[i]) * ((ratio / 0.3).clamp(max=1.0) if clip else ratio)
             buffers[i] = g.clone() if buffers[i] is None else 0.9 * buffers[i] + g
             expected[i] = expected[i] - 0.3 * buffers[i]
         for p, e in zip(params, expected):

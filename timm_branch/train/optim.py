@@ -16,12 +16,17 @@ OPTIMIZERS: tuple[str, ...] = ("lars", "sgd", "adamw")
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a layer-wise trust ratio (LARS, You et al. 2017).
+    """SGD with momentum and a layer-wise trust ratio (LARS, You et al. 2017), as solo-learn and
+    CaSSLe implement it (``solo/utils/lars.py``).
 
-    For a parameter ``w`` with gradient ``g`` (weight decay ``wd`` added to ``g`` first), the update
-    uses ``g * eta * ||w|| / (||g|| + wd * ||w||)`` clipped so the local rate never exceeds the
-    global one when ``clip_lr`` (solo-learn's variant); groups with ``lars_exclude=True`` (biases,
-    norms) get plain SGD with momentum and no weight decay.
+    For a parameter ``w`` with gradient ``g``, both norms non-zero, the local rate is
+    ``ratio = eta * ||w|| / (||g|| + wd * ||w||)`` and the update direction ``ratio * (g + wd * w)``.
+    With ``clip_lr`` the ratio is first divided by the group's current learning rate and clipped at
+    1, so the step ``lr * min(ratio / lr, 1) * (g + wd * w)`` is ``min(ratio, lr) * (g + wd * w)``:
+    the local rate never exceeds the global one. Where ``||w||`` or ``||g||`` is 0 (a
+    zero-initialised branch's first step) the parameter gets plain ``g``, without decay, as in the
+    reference. Groups with ``lars_exclude=True`` (biases, norms) get plain SGD with momentum and no
+    weight decay.
 
     Args:
         params: parameters or groups.
@@ -29,7 +34,7 @@ class LARS(torch.optim.Optimizer):
         momentum: heavy-ball momentum, 0.9 in the papers.
         weight_decay: L2 coefficient.
         eta: trust coefficient, 0.02 in solo-learn's CIFAR recipes.
-        clip_lr: clip the trust ratio at 1 (``eta * ||w|| / ||g|| <= 1``).
+        clip_lr: clip ``ratio / lr`` at 1 (solo-learn's and CaSSLe's ``clip_lr=True``).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02, clip_lr: bool = True):
@@ -51,9 +56,11 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             if not group["lars_exclude"]:
+                ratios, decays = _trust_ratios(params, grads, group["eta"], group["weight_decay"],
+                                               group["lr"] if group["clip_lr"] else None)
                 if group["weight_decay"]:
-                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                grads = torch._foreach_mul(grads, _trust_ratios(params, grads, group["eta"], group["clip_lr"]))
+                    grads = torch._foreach_add(grads, torch._foreach_mul(params, decays))
+                grads = torch._foreach_mul(grads, ratios)
             if group["momentum"]:
                 grads = self._momentum(params, grads, group["momentum"])
             torch._foreach_add_(params, grads, alpha=-group["lr"])
@@ -73,12 +80,23 @@ class LARS(torch.optim.Optimizer):
         return [st["momentum_buffer"] for st in states]
 
 
-def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], eta: float, clip: bool) -> list[torch.Tensor]:
-    """Per parameter ``eta * ||w|| / ||g||`` (1 where either norm is 0), clipped at 1 if ``clip``: 0-dim tensors."""
+def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], eta: float, weight_decay: float,
+                  clip_lr: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per parameter the LARS factor and the weight decay it gets, as 0-dim tensors.
+
+    Where both norms are non-zero: ``ratio = eta * ||w|| / (||g|| + weight_decay * ||w||)``, divided
+    by ``clip_lr`` and clipped at 1 when ``clip_lr`` (the group's current learning rate) is given,
+    and decay ``weight_decay``; elsewhere factor 1 and decay 0 (the reference leaves such a
+    gradient untouched)."""
     w_norms = torch.stack(torch._foreach_norm(params))
     g_norms = torch.stack(torch._foreach_norm(grads))
-    ratios = torch.where((w_norms > 0) & (g_norms > 0), eta * w_norms / g_norms, torch.ones_like(w_norms))
-    return list((ratios.clamp(max=1.0) if clip else ratios).unbind())
+    active = (w_norms > 0) & (g_norms > 0)
+    ratios = eta * w_norms / (g_norms + weight_decay * w_norms)
+    if clip_lr is not None:
+        ratios = (ratios / clip_lr).clamp(max=1.0)
+    ratios = torch.where(active, ratios, torch.ones_like(ratios))
+    decays = torch.where(active, torch.full_like(w_norms, weight_decay), torch.zeros_like(w_norms))
+    return list(ratios.unbind()), list(decays.unbind())
 
 
 def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:

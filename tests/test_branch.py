@@ -1,6 +1,8 @@
 """The weight-space branch: tap sets, exactness through every timm conv class, merge arithmetic."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from timm.layers import CondConv2d, Conv2dSame, MixedConv2d, ScaledStdConv2d, StdConv2d
@@ -194,3 +196,41 @@ def test_branch_state_lives_on_the_weights_device(shape):
     branch = get_branch(conv)
     assert {t.device.type for t in (*branch.parameters(), *branch.buffers())} == {"meta"}
     assert conv.weight.device.type == "meta"  # W + delta computed on the device
+
+
+def test_cross_pair_has_one_tensor_per_axis_and_sums_them_on_the_centre():
+    """The authors' ``k x 1 + 1 x k`` pair: two tensors, the cross's taps, the centre in both."""
+    weight = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    branch = ConvBranch(weight, (3, 3), "cross-pair")
+    assert [(n, tuple(p.shape)) for n, p in branch.named_parameters()] == [("line_0", (4, 2, 3)), ("line_1", (4, 2, 3))]
+    with torch.no_grad():
+        branch.line_0.normal_()
+        branch.line_1.normal_()
+    delta = branch.delta().view(4, 2, 3, 3)
+    expected = torch.zeros_like(delta)
+    expected[..., :, 1] += branch.line_0  # the column through the centre (along the first kernel axis)
+    expected[..., 1, :] += branch.line_1  # the row through the centre
+    assert torch.equal(delta, expected)
+    assert torch.equal(branch(weight), weight + delta)
+    assert tap_indices((3, 3), "cross-pair").tolist() == tap_indices((3, 3), "cross").tolist()
+
+
+def test_cross_pair_merges_exactly_and_every_line_gets_the_taps_gradient():
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double().requires_grad_(False)
+    reference = copy.deepcopy(conv)
+    branch = attach_branch(conv, "cross-pair")
+    with torch.no_grad():
+        branch.line_0.normal_(0, 0.1)
+        branch.line_1.normal_(0, 0.1)
+        reference.weight += branch.delta().view_as(reference.weight)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    out = conv(x)
+    assert torch.equal(out, nn.functional.conv2d(x, conv.weight, padding=1))
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad)
+    reference.requires_grad_(True)(x).backward(grad)
+    w_grad = reference.weight.grad
+    assert max_rel_err(branch.line_0.grad, w_grad[..., :, 1]) < 1e-12
+    assert max_rel_err(branch.line_1.grad, w_grad[..., 1, :]) < 1e-12
+    merge_branch(conv)
+    assert max_rel_err(conv(x), out) == 0

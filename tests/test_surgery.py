@@ -33,7 +33,7 @@ def _sgd_steps(model: nn.Module, params, steps: int = 3) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("shape", ["1x1", "cross", "full"])
+@pytest.mark.parametrize("shape", ["1x1", "cross", "full", "cross-pair"])
 def test_exact_at_insertion_and_after_merge_float64(resnet18, image, shape):
     original = resnet18(image)
     before = _snapshot(resnet18)

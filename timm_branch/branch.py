@@ -13,6 +13,10 @@ Branch shapes, for a kernel of size ``k_1 x ... x k_n`` (``n`` = 2 for ``Conv2d`
   row and the centre column, ``2k - 1`` taps for a ``k x k`` kernel. It spans the same kernels as
   the paper's ``1x3 + 3x1`` pair, without the pair's second, redundant weight on the centre tap.
 - ``"full"``: all taps (the paper's ``k x k`` branch).
+- ``"cross-pair"``: the taps of ``"cross"``, trained as the authors' code trains them: one tensor
+  per kernel axis (for 2-D a ``k x 1`` and a ``1 x k`` branch), so an optimiser with per-tensor
+  rates (LARS) scales each line on its own, and the centre tap moves through both lines. The
+  lines are summed into the kernel, so merging is exact as for the other shapes.
 
 The centre index along an axis of size ``k`` is ``(k - 1) // 2``: the middle for odd ``k``; for even
 ``k`` the first of the two middle taps, which is the tap aligned with the output pixel under
@@ -32,8 +36,8 @@ from torch.nn.utils import parametrize
 
 from .branch_conv import BranchedConv, ConvGeometry, symmetric_padding, tap_boxes
 
-BranchShape = Literal["1x1", "cross", "full"]
-BRANCH_SHAPES: tuple[str, ...] = ("1x1", "cross", "full")
+BranchShape = Literal["1x1", "cross", "full", "cross-pair"]
+BRANCH_SHAPES: tuple[str, ...] = ("1x1", "cross", "full", "cross-pair")
 
 
 def check_shape(shape: str) -> None:
@@ -46,21 +50,27 @@ def tap_indices(kernel_size: tuple[int, ...], shape: str) -> torch.Tensor | None
     """Flat (row-major) indices of the kernel taps a branch of ``shape`` trains.
 
     Returns ``None`` for ``"full"`` (every tap), else a sorted int64 tensor of length
-    ``1`` (``"1x1"``) or ``1 + sum(k_i - 1)`` (``"cross"``).
+    ``1`` (``"1x1"``) or ``1 + sum(k_i - 1)`` (``"cross"`` and ``"cross-pair"``).
     """
     check_shape(shape)
     if shape == "full":
         return None
     centre = [(k - 1) // 2 for k in kernel_size]
-    taps = {tuple(centre)}
-    if shape == "cross":
-        for axis, k in enumerate(kernel_size):
-            for i in range(k):
-                tap = list(centre)
-                tap[axis] = i
-                taps.add(tuple(tap))
-    strides = [math.prod(kernel_size[axis + 1:]) for axis in range(len(kernel_size))]
-    return torch.tensor(sorted(sum(i * s for i, s in zip(tap, strides)) for tap in taps), dtype=torch.long)
+    taps = {_flat(centre, kernel_size)}
+    if shape != "1x1":
+        taps.update(t for axis in range(len(kernel_size)) for t in _line_taps(kernel_size, axis))
+    return torch.tensor(sorted(taps), dtype=torch.long)
+
+
+def _flat(tap: list[int] | tuple[int, ...], kernel_size: tuple[int, ...]) -> int:
+    """The row-major flat index of ``tap`` in a kernel of ``kernel_size``."""
+    return sum(i * math.prod(kernel_size[axis + 1:]) for axis, i in enumerate(tap))
+
+
+def _line_taps(kernel_size: tuple[int, ...], axis: int) -> list[int]:
+    """Flat indices of the taps on the line through the centre along ``axis``, in order along it."""
+    centre = [(k - 1) // 2 for k in kernel_size]
+    return [_flat(centre[:axis] + [i] + centre[axis + 1:], kernel_size) for i in range(kernel_size[axis])]
 
 
 class ConvBranch(nn.Module):
@@ -75,7 +85,9 @@ class ConvBranch(nn.Module):
     The trainable tensor ``branch`` has shape ``(*lead, taps)`` where ``lead`` is the weight with
     its kernel dimensions flattened away (``(out, in / groups)``, or ``(experts, out * in / groups)``)
     and ``taps`` the number of trained taps; it lives on the weight's device and dtype and
-    starts at zero.
+    starts at zero. A ``"cross-pair"`` branch instead holds one tensor per kernel axis,
+    ``line_0 ... line_{n-1}``, each ``(*lead, k_i)`` (the taps along that axis through the centre);
+    :meth:`tap_values` sums them into the ``(*lead, taps)`` values of the cross's taps.
     """
 
     def __init__(self, weight: torch.Tensor, kernel_size: tuple[int, ...], shape: str = "cross"):
@@ -95,7 +107,25 @@ class ConvBranch(nn.Module):
         self.boxes, self.runs = (None, None) if n_taps == kernel_numel else tap_boxes(self.kernel_size, taps)
         # The conv's geometry for BranchedConv, set by attach_branch for plain convs (else None).
         self.geometry: ConvGeometry | None = None
-        self.branch = nn.Parameter(weight.new_zeros(*self._grid[:-1], n_taps))
+        self.n_taps = n_taps
+        if shape != "cross-pair":
+            self.branch = nn.Parameter(weight.new_zeros(*self._grid[:-1], n_taps))
+            return
+        # Where each line's taps sit among the cross's sorted taps (the centre is in every line).
+        for axis, k in enumerate(self.kernel_size):
+            line = torch.tensor(_line_taps(self.kernel_size, axis), device=weight.device)
+            self.register_buffer(f"line_{axis}_at", torch.searchsorted(self.taps, line), persistent=False)
+            self.register_parameter(f"line_{axis}", nn.Parameter(weight.new_zeros(*self._grid[:-1], k)))
+
+    def tap_values(self) -> torch.Tensor:
+        """The delta on the trained taps, ``(*lead, taps)``: ``branch`` itself, or for
+        ``"cross-pair"`` the lines summed (differentiable: gradients reach every line)."""
+        if self.shape != "cross-pair":
+            return self.branch
+        values = self.line_0.new_zeros(*self._grid[:-1], self.n_taps)
+        for axis in range(len(self.kernel_size)):
+            values = values.index_add(-1, getattr(self, f"line_{axis}_at"), getattr(self, f"line_{axis}"))
+        return values
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         grid = weight.reshape(self._grid)
@@ -106,17 +136,18 @@ class ConvBranch(nn.Module):
             # Into a clone, which keeps the weight's layout (out-of-place index_add returns a
             # contiguous tensor): a channels_last conv would otherwise copy its kernel back to
             # channels_last at every forward and backward.
-            effective = grid.clone().index_add_(-1, self.taps, self.branch)
+            effective = grid.clone().index_add_(-1, self.taps, self.tap_values())
         return effective.view(weight.shape)
 
     def delta(self) -> torch.Tensor:
         """The branch as a dense kernel delta, shaped like the grid ``(*lead, prod(kernel_size))``."""
         if self.taps is None:
             return self.branch
-        return self.branch.new_zeros(self._grid).index_add(-1, self.taps, self.branch)
+        values = self.tap_values()
+        return values.new_zeros(self._grid).index_add(-1, self.taps, values)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape!r}, kernel_size={self.kernel_size}, taps={self.branch.shape[-1]}"
+        return f"shape={self.shape!r}, kernel_size={self.kernel_size}, taps={self.n_taps}"
 
 
 def _lead_shape(weight: torch.Tensor, kernel_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -166,7 +197,9 @@ def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     parametrizations = self._modules["parametrizations"]
     weights = parametrizations._modules["weight"]
     branch = next(iter(weights._modules.values()))
-    delta, original = branch._parameters["branch"], weights._parameters["original"]
+    delta, original = branch._parameters.get("branch"), weights._parameters["original"]
+    if delta is None:  # "cross-pair": the lines summed onto the cross's taps
+        delta = branch.tap_values()
     if not (torch.is_grad_enabled() and delta.requires_grad and not original.requires_grad
             and len(weights._modules) == 1 and len(parametrizations._modules) == 1):
         return super(type(self), self).forward(x)

@@ -110,7 +110,7 @@ def merge_branches(model: nn.Module) -> nn.Module:
     active = find_active(model)
     if not branches or not active:
         raise ValueError("the model has no branches to merge; call add_branches(model) first")
-    bad = [name for name, _, branch in branches if not torch.isfinite(branch.branch).all()]
+    bad = [name for name, _, branch in branches if not all(torch.isfinite(p).all() for p in branch.parameters())]
     if bad:
         raise ValueError(
             f"{len(bad)} branch(es) hold NaN or Inf values ({', '.join(bad[:5])}); refusing to merge. "
@@ -130,17 +130,19 @@ def merge_branches(model: nn.Module) -> nn.Module:
 
 
 def branch_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The trainable branch tensors of ``model``, in module order (hand these to an optimiser)."""
+    """The trainable branch tensors of ``model``, in module order (hand these to an optimiser):
+    one per branched conv, or one per kernel axis for ``"cross-pair"`` branches."""
     for _, _, branch in iter_branches(model):
-        yield branch.branch
+        yield from branch.parameters()
 
 
 def branch_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The branches only, keyed by conv module name; ready for ``safetensors.torch.save_file``.
 
-    Each value has the branch shape ``(*lead, taps)`` (see :class:`timm_branch.branch.ConvBranch`).
+    Each value has the branch shape ``(*lead, taps)`` (see :class:`timm_branch.branch.ConvBranch`);
+    a ``"cross-pair"`` branch gives one entry per line, keyed ``NAME.line_0``, ``NAME.line_1``, ...
     """
-    state = {name: branch.branch.detach() for name, _, branch in iter_branches(model)}
+    state = {key: p.detach() for key, p in _branch_tensors(model).items()}
     if not state:
         raise ValueError("the model has no branches; call add_branches(model) first")
     return state
@@ -153,7 +155,7 @@ def load_branch_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         ValueError: the model has no branches, or the keys or shapes differ (a checkpoint of another
             model, ``include``/``exclude`` selection or branch shape); nothing is changed then.
     """
-    branches = {name: branch for name, _, branch in iter_branches(model)}
+    branches = _branch_tensors(model)
     if not branches:
         raise ValueError("the model has no branches; call add_branches(model) with the checkpoint's settings first")
     missing = sorted(set(branches) - set(state_dict))
@@ -165,18 +167,25 @@ def load_branch_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             "it was saved from another model or with other include/exclude settings"
         )
     wrong = [
-        f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(branch.branch.shape)}"
-        for name, branch in branches.items()
-        if tuple(state_dict[name].shape) != tuple(branch.branch.shape)
+        f"{name}: checkpoint {tuple(state_dict[name].shape)} vs model {tuple(tensor.shape)}"
+        for name, tensor in branches.items()
+        if tuple(state_dict[name].shape) != tuple(tensor.shape)
     ]
     if wrong:
+        shape = next(iter_branches(model))[2].shape
         raise ValueError(
             f"branch checkpoint shapes differ from the model's ({'; '.join(wrong[:3])}); it was saved with "
-            f"another branch shape (this model's branch shape is {next(iter(branches.values())).shape!r})"
+            f"another branch shape (this model's branch shape is {shape!r})"
         )
     with torch.no_grad():
-        for name, branch in branches.items():
-            branch.branch.copy_(state_dict[name])
+        for name, tensor in branches.items():
+            tensor.copy_(state_dict[name])
+
+
+def _branch_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every branch tensor by key: the conv's name, or ``NAME.line_i`` for a ``"cross-pair"`` line."""
+    return {name if key == "branch" else f"{name}.{key}": p
+            for name, _, branch in iter_branches(model) for key, p in branch.named_parameters()}
 
 
 def require_batchnorm(model: nn.Module) -> None:

@@ -30,8 +30,8 @@ _HELP = {
     "num_tasks": "number of tasks (class/data scenarios)",
     "method": "simclr | byol | barlow | moco | vicreg | swav",
     "strategy": "finetune | branch | cassle | cassle+branch | joint",
-    "shape": "branch shape: 1x1 | cross | full",
-    "bn": "BatchNorm policy under branches: frozen | affine | train",
+    "shape": "branch shape: 1x1 | cross | full | cross-pair (default: cross; the paper preset: cross-pair)",
+    "bn": "BatchNorm policy under branches: frozen | affine | train (default: frozen; the paper preset: affine)",
     "epochs": "epochs per task",
     "batch_size": "the global batch: under torchrun --nproc_per_node N each process trains on batch_size / N of it",
     "sync_bn": "under torchrun on GPUs, the backbone's BatchNorms normalise with the global batch's statistics",
@@ -47,6 +47,11 @@ _HELP = {
     "push_when": "task (after every task) | end (the final model only)",
     "nonfinite": "on a NaN/Inf loss: stop (the task, keeping the last checkpoint) | skip (that step's update, logged)",
     "nonfinite_limit": "with --nonfinite skip: this many non-finite steps in a row stop the task",
+    "preset": "library | paper: the defaults of --shape, --bn, --branch-weight-decay, --normalization, --zero-init-last "
+              "and --optimizer left unset (paper: the authors' settings, docs/REPRODUCTION.md)",
+    "branch_weight_decay": "weight decay of the branch tensors (default: --weight-decay; the paper preset: 0)",
+    "normalization": "imagenet | cifar10 | cifar100 | data (CIFAR statistics for cifar10:/cifar100: data); default imagenet",
+    "zero_init_last": "timm's zero init of each residual block's last BatchNorm (default: timm's; the paper preset: off)",
 }
 
 
@@ -56,7 +61,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
         kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": _HELP.get(field.name)}
-        if hint is bool:
+        if hint in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif hint == list[str]:
             parser.add_argument(flag, nargs="+", metavar="SOURCE", **kwargs)

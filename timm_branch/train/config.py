@@ -13,6 +13,18 @@ SCENARIOS: tuple[str, ...] = ("class", "data", "domain")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 PUSH_WHEN: tuple[str, ...] = ("task", "end")
 NONFINITE: tuple[str, ...] = ("stop", "skip")
+PRESETS: dict[str, dict[str, object]] = {
+    # The library's defaults: exact merges and BatchNorm statistics that stay fixed (bn="frozen"),
+    # one tensor per cross, weight decay on branches (towards the old kernel), timm's own init.
+    "library": dict(shape="cross", bn="frozen", branch_weight_decay=None, normalization="imagenet", zero_init_last=None),
+    # The authors' settings (their main_pretrain_new_fixbn.py and scripts): BN statistics follow
+    # the new data, no weight decay on branches, the k x 1 + 1 x k pair, LARS for every method
+    # (MoCo v2+ included), CIFAR statistics, no zero-initialised last BN (CaSSLe's ResNet).
+    "paper": dict(shape="cross-pair", bn="affine", branch_weight_decay=0.0, normalization="data", zero_init_last=False,
+                  optimizer="lars"),
+}
+"""Settings a ``preset`` gives the fields left unset (``None``); see docs/REPRODUCTION.md."""
+NORMALIZATION_CHOICES: tuple[str, ...] = ("imagenet", "cifar10", "cifar100", "data")
 
 
 @dataclass
@@ -53,14 +65,18 @@ class TrainConfig:
     split_seed: int | None = None
     method: str = "simclr"
     strategy: str = "branch"
-    shape: str = "cross"
-    bn: str = "frozen"
+    preset: str | None = None  # "library" (None) or "paper": the defaults of the fields below left unset
+    shape: str | None = None  # preset: "cross" (library), "cross-pair" (paper)
+    bn: str | None = None  # preset: "frozen" (library), "affine" (paper)
     epochs: int = 4
     batch_size: int = 64
     image_size: int = 32
     optimizer: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
+    branch_weight_decay: float | None = None  # branches' weight decay; None: weight_decay (library), 0 (paper)
+    normalization: str | None = None  # imagenet | cifar10 | cifar100 | data (CIFAR's own for cifar10:/cifar100: data)
+    zero_init_last: bool | None = None  # timm's zero init of each block's last BN; None: timm's default
     warmup_epochs: int = 1
     distill_weight: float = 1.0
     precision: str = "fp32"
@@ -93,10 +109,10 @@ class TrainConfig:
         choices = [
             ("strategy", STRATEGIES), ("scenario", SCENARIOS), ("method", METHODS), ("shape", BRANCH_SHAPES),
             ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("push_when", PUSH_WHEN),
-            ("nonfinite", NONFINITE),
+            ("nonfinite", NONFINITE), ("preset", tuple(PRESETS)), ("normalization", NORMALIZATION_CHOICES),
         ]
         for name, allowed in choices:
-            if getattr(self, name) not in allowed and not (name == "optimizer" and self.optimizer is None):
+            if getattr(self, name) not in allowed and getattr(self, name) is not None:
                 found.append(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.pretrained:
             if not self.pretrained.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(self.pretrained):
@@ -112,8 +128,9 @@ class TrainConfig:
             found.append(f"warmup_epochs={self.warmup_epochs} must lie between 0 and epochs={self.epochs}")
         if self.lr is not None and self.lr <= 0:
             found.append(f"lr={self.lr} must be positive")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            found.append(f"weight_decay={self.weight_decay} must not be negative")
+        for name in ("weight_decay", "branch_weight_decay"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                found.append(f"{name}={getattr(self, name)} must not be negative")
         if self.knn_temperature <= 0:
             found.append(f"knn_temperature={self.knn_temperature} must be positive")
         if self.workers is not None and self.workers < 0:
@@ -167,6 +184,19 @@ class TrainConfig:
             return [f"pretrained={self.pretrained!r}: {folder} has no {' or '.join(missing)}; give a folder written by "
                     "save_pretrained or timm-branch train (RUN/task-K)"]
         return []
+
+    def with_preset(self) -> "TrainConfig":
+        """A copy with every field the preset sets and this configuration leaves unset (``None``)
+        filled in from :data:`PRESETS` (``preset=None`` is ``"library"``), and ``"data"``
+        normalisation resolved: CIFAR-10's or CIFAR-100's own statistics for ``cifar10:`` or
+        ``cifar100:`` data, else ImageNet's. Other unset fields (``lr``, ``optimizer``, ...) stay
+        ``None`` for the SSL method's recipe."""
+        chosen = {**PRESETS["library"], **PRESETS[self.preset or "library"]}
+        values = {name: value for name, value in chosen.items() if getattr(self, name) is None}
+        if values.get("normalization", self.normalization) == "data":
+            prefix = self.data[0].split(":", 1)[0] if self.data else ""
+            values["normalization"] = prefix if prefix in ("cifar10", "cifar100") else "imagenet"
+        return dataclasses.replace(self, **values)
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` listing every problem at once; return ``self`` when there is none."""

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..branch import iter_branches
-from ..data import DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, default_workers, load_source
+from ..data import NORMALIZATIONS, DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, default_workers, load_source
 from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
 from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
 from ..evaluate.report import CURVES_FILE
@@ -135,7 +135,8 @@ class ContinualRun:
     """
 
     def __init__(self, config: TrainConfig, progress: bool = True):
-        self.config = config.validate()
+        # The preset's settings fill the fields left unset, so everything below reads concrete values.
+        config = self.config = config.validate().with_preset()
         self.progress = progress
         self.run_dir = Path(config.output)
         self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard")
@@ -160,11 +161,13 @@ class ContinualRun:
         recipe_method = build_method(config.method, 8)  # only for its recipe
         self.recipe = recipe_method.recipe
         r = self.recipe
+        mean, std = NORMALIZATIONS[config.normalization]
         self.augment = TwoViewAugment(
             config.image_size, solarize_p=r.solarize_p, blur_p=r.blur_p, crop_min_scale=r.crop_min_scale,
-            flip_p=r.flip_p, jitter=r.jitter, jitter_p=r.jitter_p, gray_p=r.gray_p,
+            flip_p=r.flip_p, jitter=r.jitter, jitter_p=r.jitter_p, gray_p=r.gray_p, mean=mean, std=std,
         ).to(self.device)
-        self.eval_transform = EvalTransform(config.image_size).to(self.device)
+        self.eval_transform = EvalTransform(config.image_size, mean, std).to(self.device)
+
         # Recipes give the learning rate for batch 256; scale linearly, as solo-learn does.
         base_lr = config.lr if config.lr is not None else r.lr
         self.lr = base_lr * config.batch_size / 256 if config.lr is None else base_lr
@@ -195,10 +198,17 @@ class ContinualRun:
                 )
 
     def _check_model(self) -> None:
-        """Refuse a model without BatchNorm for a branch strategy now, not after task 0 trained."""
-        if self.config.strategy in ("branch", "cassle+branch"):
-            with torch.device("meta"):  # the architecture only: no memory, no weights
+        """Refuse, now rather than after task 0 trained, a model without BatchNorm for a branch
+        strategy and a ``zero_init_last`` the model's constructor does not take."""
+        with torch.device("meta"):  # the architecture only: no memory, no weights
+            if self.config.strategy in ("branch", "cassle+branch"):
                 require_batchnorm(timm.create_model(self.config.pretrained or self.config.model, pretrained=False))
+            if self.config.zero_init_last is not None and not self.config.pretrained:
+                try:
+                    timm.create_model(self.config.model, pretrained=False, zero_init_last=self.config.zero_init_last)
+                except TypeError as err:
+                    raise ValueError(f"zero_init_last={self.config.zero_init_last} does not apply to {self.config.model}: "
+                                     f"its constructor takes no zero_init_last ({err}); leave zero_init_last unset") from None
 
     def _task_indices(self, task: int) -> torch.Tensor:
         if self.config.strategy == "joint":
@@ -214,7 +224,9 @@ class ContinualRun:
         elif self.config.pretrained:
             model = create_pretrained(self.config.pretrained, num_classes=0)
         else:
-            model = timm.create_model(self.config.model, pretrained=False, num_classes=0)
+            # zero_init_last changes the initial weights only, not the architecture: exports stay stock.
+            init = {} if self.config.zero_init_last is None else {"zero_init_last": self.config.zero_init_last}
+            model = timm.create_model(self.config.model, pretrained=False, num_classes=0, **init)
         return self._place(model)
 
     def _place(self, module: nn.Module) -> nn.Module:
@@ -262,11 +274,13 @@ class ContinualRun:
             learner.momentum.requires_grad_(False)
 
     def _trainable(self, learner: Learner) -> list[tuple[str, nn.Parameter]]:
-        named = []
-        if next(iter_branches(learner.backbone), None) is not None:
-            named += [(f"branch.{i}", p) for i, p in enumerate(branch_parameters(learner.backbone))]
-        else:
-            named += [(f"backbone.{n}", p) for n, p in learner.backbone.named_parameters()]
+        """Every tensor the task trains, by name; branch tensors are named ``branch.*`` (their own
+        weight decay, :func:`~timm_branch.train.optim.param_groups`). With branches, the backbone's
+        other trainable tensors are its BatchNorms' under ``bn="train"`` (``add_branches`` froze
+        the rest)."""
+        branches = {id(p) for p in branch_parameters(learner.backbone)}
+        named = [(f"{'branch' if id(p) in branches else 'backbone'}.{n}", p)
+                 for n, p in learner.backbone.named_parameters() if p.requires_grad]
         named += [(f"method.{n}", p) for n, p in learner.method.named_parameters() if p.requires_grad]
         if learner.distiller is not None:
             named += [(f"distiller.{n}", p) for n, p in learner.distiller.named_parameters()]
@@ -327,7 +341,8 @@ class ContinualRun:
         """The optimiser of ``learner``'s trainable tensors (and the online probe's own group) and
         its warmup-cosine schedule over ``total`` steps, ``warmup`` of them warm-up."""
         cfg = self.config
-        optimizer = build_optimizer(cfg.optimizer or self.recipe.optimizer, self._trainable(learner), self.lr, self.weight_decay)
+        optimizer = build_optimizer(cfg.optimizer or self.recipe.optimizer, self._trainable(learner), self.lr, self.weight_decay,
+                                    branch_weight_decay=cfg.branch_weight_decay)
         if learner.probe is not None:
             # solo-learn's online classifier: its own learning rate, no weight decay, no LARS scaling.
             optimizer.add_param_group(dict(params=list(learner.probe.parameters()), lr=ONLINE_PROBE_LR, weight_decay=0.0, lars_exclude=True))

@@ -1,40 +1,62 @@
-"""The CaSSLe / Branch-tuning class-incremental CIFAR-100 protocol, every strategy on one budget.
+"""The CaSSLe / Branch-tuning class-incremental CIFAR-100 protocol, every strategy on one budget, over seeds.
 
-5 tasks of 20 classes in the papers' order (``seed 5, randperm(100).chunk(5)``), timm's ResNet-18,
-one SSL method, and the strategies ``finetune``, ``branch``, ``cassle``, ``cassle+branch`` and the
-``joint`` upper bound, each trained with the same epochs, batch size and image size; then
-``timm-branch report`` compares them.
+Tasks of CIFAR-100 classes in the papers' order (``seed 5, randperm(100).chunk(T)``), a timm CNN,
+one SSL method, and the runs ``finetune``, ``branch``, ``branch-paper`` (Branch-tuning with
+``--preset paper``: the authors' settings), ``cassle``, ``cassle+branch`` and the ``joint`` upper
+bound, each trained with the same epochs, batch size and image size, for every ``--seeds`` seed.
+Each seed's runs go to ``OUTPUT/seed-S/<run>`` with a ``timm-branch report`` table and plots;
+with two seeds or more, ``OUTPUT/summary.md`` gives each run's mean ± std over seeds and the
+paired differences ``branch - finetune``, ``branch-paper - finetune`` and
+``cassle+branch - cassle`` with 95 % intervals.
 
     python examples/cifar100_protocol.py --data ../shared/data/cifar100.npz            # the paper's budget
     python examples/cifar100_protocol.py --data cifar100.npz --epochs 2 --per-class 100  # reduced
-    python examples/cifar100_protocol.py --data cifar100.npz --smoke                     # seconds: the pipeline only
+    python examples/cifar100_protocol.py --smoke                                         # seconds, offline
 
 ``--data`` is the CIFAR-100 ``.npz`` (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``) or a
 torchvision CIFAR-100 root folder. ``--per-class N`` trains on a seeded subset of N training
-images per class (written, never committed, under ``--output``); the test set stays whole unless
-``--test-per-class`` says otherwise. Defaults are the paper's: 500 epochs per task, batch 256,
-32 px, LARS with warmup-cosine and the method's CIFAR recipe.
+images per class (written, never committed, under ``--output``; the same subset for every
+training seed, chosen by ``--subset-seed``); the test set stays whole unless ``--test-per-class``
+says otherwise. Defaults are the paper's: 5 tasks, 500 epochs per task, batch 256, 32 px, LARS
+with warmup-cosine and the method's CIFAR recipe. ``--smoke`` makes its own random CIFAR-shaped
+data (no ``--data`` needed) and runs 2 tasks of 1 epoch with timm's ``test_resnet``: the
+pipeline only, no accuracy.
 
-Differences from the papers that change absolute numbers: timm's ``resnet18`` keeps its ImageNet
-stem (7x7 stride-2 conv + max-pool), where the papers use a CIFAR stem (3x3 stride-1, no pool), so
-at 32 px the last stage sees 1x1 feature maps; the reported probe is the offline linear probe
-(the papers' online probe is ``--online-probe`` in ``timm-branch train``).
+Geometry: timm's ``resnet18`` keeps its ImageNet stem (7x7 stride-2 conv + max-pool), where the
+papers use a CIFAR stem (3x3 stride-1, no pool), so at 32 px its last stage sees 1x1 maps.
+``--image-size 128`` upsamples CIFAR once, at load (bilinear), so that the stock ``resnet18``'s
+stages see the papers' 32, 16, 8 and 4 px maps, at about 16x the FLOPs of 32 px.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 
 from timm_branch.evaluate.report import report
+from timm_branch.evaluate.seeds import seed_summary, seed_table
 from timm_branch.train import ContinualRun, TrainConfig
 
-STRATEGIES = ("finetune", "branch", "cassle", "cassle+branch", "joint")
+RUNS: dict[str, dict[str, str]] = {
+    "finetune": dict(strategy="finetune"),
+    "branch": dict(strategy="branch"),
+    "branch-paper": dict(strategy="branch", preset="paper"),
+    "cassle": dict(strategy="cassle"),
+    "cassle+branch": dict(strategy="cassle+branch"),
+    "joint": dict(strategy="joint"),
+}
+"""Each run of the protocol: its ``TrainConfig`` fields beyond the shared budget."""
+PAIRS = (("branch", "finetune"), ("branch-paper", "finetune"), ("cassle+branch", "cassle"))
+"""The paired differences the summary reports."""
 
 
-def write_subset(source: Path, out: Path, per_class: int, test_per_class: int | None, seed: int) -> Path:
-    """A seeded class-balanced subset of a CIFAR-100 npz, written to ``out``."""
+def write_subset(source: Path, out: Path, per_class: int | None, test_per_class: int | None, seed: int) -> Path:
+    """A seeded class-balanced subset of a CIFAR-100 npz, written to ``out`` (kept if already there)."""
+    if out.is_file():
+        return out
     data = np.load(source)
     rng = np.random.default_rng(seed)
 
@@ -45,56 +67,112 @@ def write_subset(source: Path, out: Path, per_class: int, test_per_class: int | 
         return np.sort(np.concatenate(chosen))
 
     train, test = pick(data["y_train"], per_class), pick(data["y_test"], test_per_class)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x_train=data["x_train"][train], y_train=data["y_train"][train],
-             x_test=data["x_test"][test], y_test=data["y_test"][test])
+    _save(out, x_train=data["x_train"][train], y_train=data["y_train"][train],
+          x_test=data["x_test"][test], y_test=data["y_test"][test])
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="CIFAR-100 .npz file or torchvision root folder")
-    parser.add_argument("--output", default="runs/cifar100", help="one run folder per strategy, plus report/")
+def write_random_cifar(out: Path, per_class: int, test_per_class: int) -> Path:
+    """Random CIFAR-shaped data (100 classes of 32x32 RGB noise, each class a brightness): the
+    smoke run's input, so that it needs no download and no ``--data``."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(100), n)
+        arrays[f"x_{split}"] = (rng.integers(0, 128, (len(labels), 32, 32, 3)) + labels[:, None, None, None]).astype(np.uint8)
+        arrays[f"y_{split}"] = labels
+    _save(out, **arrays)
+    return out
+
+
+def _save(out: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` to a temporary name, then renamed: an interrupted write leaves no half file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part.npz")
+    np.savez(part, **arrays)
+    part.replace(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", help="CIFAR-100 .npz file or torchvision root folder (not needed with --smoke)")
+    parser.add_argument("--output", default="runs/cifar100", help="OUTPUT/seed-S/<run> per seed and run, OUTPUT/summary.md")
     parser.add_argument("--method", default="simclr")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs of the protocol")
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--num-tasks", type=int, default=5, help="class-incremental tasks (the papers: 5)")
     parser.add_argument("--epochs", type=int, default=500, help="epochs per task (the papers: 500)")
+    parser.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs of each task (default: min(10, epochs), "
+                        "the papers' 10 of 500; a reduced budget may want fewer)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32, help="128 gives a stock resnet18 the papers' feature-map sizes")
     parser.add_argument("--per-class", type=int, help="training images per class (default: all 500)")
     parser.add_argument("--test-per-class", type=int, help="test images per class (default: all 100)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (the class order is always seed 5)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the class order is always seed 5)")
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the --per-class / --test-per-class subset")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--smoke", action="store_true", help="2 tasks, 1 epoch, 10+4 images per class, test_resnet")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="own random data, 2 tasks, 1 epoch, 10+4 images per class, test_resnet at 16 px")
+    args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.epochs, args.batch_size, args.image_size = "test_resnet", 1, 32, 16
+        args.model, args.epochs, args.batch_size, args.image_size, args.num_tasks = "test_resnet", 1, 32, 16, 2
         args.per_class, args.test_per_class = args.per_class or 10, args.test_per_class or 4
-    num_tasks = 2 if args.smoke else 5
+    elif args.data is None:
+        parser.error("--data is required (the CIFAR-100 .npz or torchvision folder), unless --smoke")
+    elif not Path(args.data).exists():
+        parser.error(f"--data {args.data} does not exist: give the CIFAR-100 .npz file or torchvision root folder")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.output)
-    data = args.data
-    if args.per_class or args.test_per_class:
-        subset = out / "data" / f"cifar100-{args.per_class}-{args.test_per_class}-seed{args.seed}.npz"
-        data = str(write_subset(Path(args.data), subset, args.per_class, args.test_per_class, args.seed))
-    runs = []
-    for strategy in args.strategies:
-        config = TrainConfig(
-            model=args.model, data=[f"cifar100:{data}"], scenario="class", num_tasks=num_tasks, method=args.method,
-            strategy=strategy, epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-            seed=args.seed, precision=args.precision, device=args.device, warmup_epochs=min(10, args.epochs),
-            output=str(out / strategy.replace("+", "-")),
-        )
-        run_dir = Path(config.output)
-        run = ContinualRun(config, progress=not args.smoke)
-        resume = (run_dir / "config.yaml").exists()
-        if resume and TrainConfig.from_yaml(run_dir / "config.yaml") != run.resolved_config():
-            raise SystemExit(f"{run_dir} holds a run with another configuration; choose another --output")
-        print(f"== {strategy}: {run_dir}{' (resuming)' if resume else ''}")
+    if args.smoke and args.data is None:
+        data = str(write_random_cifar(out / "data" / "random-cifar.npz", args.per_class, args.test_per_class))
+    elif args.per_class or args.test_per_class:
+        name = f"cifar100-{args.per_class}-{args.test_per_class}-seed{args.subset_seed}.npz"
+        data = str(write_subset(Path(args.data), out / "data" / name, args.per_class, args.test_per_class, args.subset_seed))
+    else:
+        data = args.data
+    print(f"protocol: {args.model} at {args.image_size} px, {args.method}, {args.num_tasks} tasks x {args.epochs} epochs, "
+          f"batch {args.batch_size}, runs {', '.join(args.runs)}, seeds {args.seeds} -> {out}", flush=True)
+    folders: dict[str, dict[int, Path]] = {name: {} for name in args.runs}
+    for seed in args.seeds:
+        for name in args.runs:
+            config = TrainConfig(
+                model=args.model, data=[f"cifar100:{data}"], scenario="class", num_tasks=args.num_tasks, method=args.method,
+                epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, seed=seed,
+                precision=args.precision, channels_last=args.channels_last, device=args.device,
+                warmup_epochs=min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs, output=str(out / f"seed-{seed}" / name.replace("+", "-")), **RUNS[name],
+            )
+            folders[name][seed] = _train(config, progress=not args.smoke)
+        print(report([folders[name][seed] for name in args.runs], output_dir=out / f"seed-{seed}" / "report"), flush=True)
+    if len(args.seeds) > 1:
+        pairs = [p for p in PAIRS if all(name in args.runs for name in p)]
+        summary = seed_summary(folders, pairs)
+        table = seed_table(summary)
+        (out / "summary.md").write_text(f"{table}\n", encoding="utf-8")
+        as_json = {part: {k: {f: dataclasses.asdict(e) for f, e in v.items()} for k, v in summary[part].items()}
+                   for part in ("strategies", "pairs")}
+        (out / "summary.json").write_text(json.dumps({**as_json, "seeds": summary["seeds"]}, indent=2), encoding="utf-8")
+        print(table)
+
+
+def _train(config: TrainConfig, progress: bool) -> Path:
+    """Run (or resume) one run folder; a folder holding another configuration is refused."""
+    run_dir = Path(config.output)
+    run = ContinualRun(config, progress=progress)
+    resume = (run_dir / "config.yaml").exists()
+    if resume and TrainConfig.from_yaml(run_dir / "config.yaml") != run.resolved_config():
+        raise SystemExit(f"{run_dir} holds a run with another configuration; choose another --output")
+    done = resume and (run_dir / f"task-{config.num_tasks - 1}").is_dir()
+    print(f"== seed {config.seed} {run_dir.name}: {run_dir}{' (done)' if done else ' (resuming)' if resume else ''}", flush=True)
+    if not done:
         run.run(resume=resume)
-        runs.append(run_dir)
-    print(report(runs, output_dir=out / "report"))
+    return run_dir
 
 
 if __name__ == "__main__":

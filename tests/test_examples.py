@@ -120,14 +120,29 @@ def test_hub_lineage_pushed_on_one_machine_continues_on_another(tmp_path, hub_se
 CIFAR100 = ROOT.parent / "shared" / "data" / "cifar100.npz"
 
 
+def test_cifar100_protocol_smoke_needs_no_data_and_summarises_seeds(tmp_path):
+    """The prepared GPU command's script, as --smoke runs it with no other input: its own random
+    CIFAR-shaped data, two seeds, and the paired-difference summary over them."""
+    out = tmp_path / "protocol"
+    stdout = "\n".join(run_example("cifar100_protocol.py", "--smoke", "--seeds", "0", "1", "--runs", "finetune", "branch",
+                                    "--output", str(out)))
+    for seed in (0, 1):
+        for name in ("finetune", "branch"):
+            assert (out / f"seed-{seed}" / name / "task-1" / "model.safetensors").is_file(), (seed, name)
+    summary = (out / "summary.md").read_text()
+    assert "| branch (2) |" in summary and "| branch - finetune |" in summary and summary in stdout + "\n"
+    pair = json.loads((out / "summary.json").read_text())["pairs"]["branch - finetune"]["linear_final"]
+    assert pair["n"] == 2 and pair["low"] <= pair["mean"] <= pair["high"]
+
+
 @pytest.mark.skipif(not CIFAR100.is_file(), reason=f"CIFAR-100 not found at {CIFAR100} (../shared/data is not part of a clone)")
 def test_cifar100_protocol_smoke_on_real_images(tmp_path):
     out = tmp_path / "protocol"
     stdout = "\n".join(run_example("cifar100_protocol.py", "--data", str(CIFAR100), "--smoke", "--output", str(out)))
-    for strategy in ("finetune", "branch", "cassle", "cassle-branch", "joint"):
-        assert (out / strategy / "task-1" / "model.safetensors").is_file(), strategy
+    for strategy in ("finetune", "branch", "branch-paper", "cassle", "cassle-branch", "joint"):
+        assert (out / "seed-0" / strategy / "task-1" / "model.safetensors").is_file(), strategy
     table = stdout[stdout.index("| run"):]
-    assert all(name in table for name in ("finetune", "branch", "cassle", "cassle+branch", "joint"))
-    assert (out / "report" / "accuracy_curves.png").is_file()
+    assert all(name in table for name in ("finetune", "branch", "cassle", "cassle+branch", "joint", "cross-pair"))
+    assert (out / "seed-0" / "report" / "accuracy_curves.png").is_file()
     subset = np.load(next((out / "data").glob("*.npz")))
     assert subset["x_train"].shape == (1000, 32, 32, 3) and subset["x_test"].shape == (400, 32, 32, 3)

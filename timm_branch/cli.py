@@ -42,7 +42,7 @@ _HELP = {
     "optimizer": "lars | sgd | adamw (default: the method's recipe)",
     "output": "run folder (task-K/ models, metrics.json, config.yaml)",
     "push_to_hub": "org/name: push the merged model to the Hugging Face Hub (token from HF_TOKEN or the login cache)",
-    "online_probe": "train the papers' online linear probe alongside SSL on detached features (labelled data)",
+    "online_probe": "train CaSSLe's online linear probe alongside SSL: each step an all-class labelled batch, eval-mode detached features",
     "linear_probe": "fit the offline linear probe after every task",
     "push_when": "task (after every task) | end (the final model only)",
     "nonfinite": "on a NaN/Inf loss: stop (the task, keeping the last checkpoint) | skip (that step's update, logged)",

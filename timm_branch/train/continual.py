@@ -67,6 +67,8 @@ log = logging.getLogger("timm_branch.train")
 
 ONLINE_PROBE_LR = 0.1
 """Learning rate of the online linear probe (solo-learn's ``classifier_lr``), SGD momentum from the optimiser."""
+_PROBE_SALT = 0x5EED_0F_9B0BE
+"""Mixed into an epoch's seed for the online probe's generator, so its draws are the probe's own."""
 _READ_BACK_EVERY = 16
 """Training steps between read-backs of their losses (each read-back waits for the GPU to catch up)."""
 
@@ -374,15 +376,17 @@ class ContinualRun:
         for epoch, (order, gen, batches) in enumerate(self._epochs(indices, task, start, steps), start):
             torch.manual_seed(_seed(cfg, task, epoch))
             self._start_epoch(learner, epoch)
+            # The online probe's batches have a generator of their own: the SSL draws stay as without it.
+            probe_gen = None if self.labels is None else torch.Generator(device=self.device).manual_seed(
+                _seed(cfg, task, epoch) ^ _PROBE_SALT)
             bar = tqdm(range(steps), desc=f"task {task} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
             pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
             for step, batch in zip(bar, batches):
-                chosen = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                labels = None if self.labels is None else self.labels[chosen]
+                probe = None if probe_gen is None else self._probe_batch(probe_gen)
                 try:
-                    pending.append(self._step(learner, batch, labels, gen, optimizer, scheduler,
+                    pending.append(self._step(learner, batch, probe, gen, optimizer, scheduler,
                                               epoch * steps + step, total))
                 except torch.OutOfMemoryError as err:
                     raise self._out_of_memory(f"task {task}, epoch {epoch + 1}, step {step + 1}", err) from err
@@ -435,8 +439,18 @@ class ContinualRun:
             f"(e.g. {cfg.batch_size // 2}) or use --precision bf16; the last checkpoint is intact. [{str(err).splitlines()[0]}]"
         )
 
-    def _step(self, learner: Learner, batch: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
-              optimizer, scheduler, step: int, total: int) -> torch.Tensor:
+    def _probe_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The online probe's batch, as CaSSLe draws it from a parallel loader over the whole
+        labelled training set (not the task's): ``batch_size`` uint8 images ``(B, 3, H, W)`` and
+        their labels ``(B,)``, on the device, drawn uniformly with replacement from every class.
+        Every rank draws the same batch (streamed folders decode it in this process)."""
+        rows = torch.randint(len(self.labels), (self.config.batch_size,), generator=gen, device=self.device)
+        if isinstance(self.images, ImageFiles):
+            return self.images[rows.cpu()].decode(0).to(self.device), self.labels[rows]
+        return self.images[rows], self.labels[rows]
+
+    def _step(self, learner: Learner, batch: torch.Tensor, probe: tuple[torch.Tensor, torch.Tensor] | None,
+              gen: torch.Generator, optimizer, scheduler, step: int, total: int) -> torch.Tensor:
         cfg = self.config
         # The augmentations of the global batch are drawn on every rank; each applies its rows' own.
         views = self.augment(batch, gen, rows=distributed.local_rows(len(batch)))
@@ -456,8 +470,14 @@ class ContinualRun:
                     z_frozen = learner.teacher_method.project(_global([features(learner.teacher, v) for v in views]))
                 loss = loss + cfg.distill_weight * learner.distiller(out.z, z_frozen, learner.method, learner.teacher_method)
             if learner.probe is not None:
-                # Detached features: the probe reads the representation without shaping it.
-                loss = loss + F.cross_entropy(learner.probe(feats[0].detach()), labels)
+                # The representation as evaluated (eval mode, un-augmented), without shaping it:
+                # no gradient to the backbone, no BatchNorm statistics moved by the probe's batch.
+                images, labels = probe
+                learner.backbone.eval()
+                with torch.no_grad():
+                    probe_feats = features(learner.backbone, self.eval_transform(images))
+                learner.backbone.train()
+                loss = loss + F.cross_entropy(learner.probe(probe_feats), labels)
         # Only "skip" looks at the loss before the update: that check waits for the GPU to finish the
         # forward pass. "stop" reads losses back later, a few steps at a time (see _count_nonfinite).
         if cfg.nonfinite == "skip" and not torch.isfinite(loss):

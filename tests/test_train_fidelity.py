@@ -100,3 +100,26 @@ def test_normalization_reaches_both_transforms(tmp_path):
 def test_zero_init_last_for_a_model_without_it_is_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match="zero_init_last=False does not apply to mobilenetv3_small_050"):
         _run(tmp_path, model="mobilenetv3_small_050", zero_init_last=False)
+
+
+def test_online_probe_batches_come_from_every_class_not_the_task(tmp_path):
+    """CaSSLe trains its online probe on a parallel loader over the whole labelled training set;
+    the probe saw only the current task's labels here before."""
+    run = _run(tmp_path, online_probe=True, batch_size=64)
+    gen = torch.Generator().manual_seed(0)
+    images, labels = run._probe_batch(gen)
+    assert images.shape == (64, 3, 16, 16) and images.dtype == torch.uint8
+    task0 = set(run.scenario.tasks[0].classes)
+    assert set(labels.tolist()) - task0  # classes of the later task too, while task 0 trains
+    rows = [int(torch.nonzero((run.images == img).flatten(1).all(1))[0]) for img in images[:4]]
+    assert labels[:4].tolist() == run.labels[rows].tolist()  # each image with its own label
+
+
+def test_online_probe_leaves_the_ssl_training_unchanged(tmp_path):
+    """The probe reads detached, eval-mode features from its own generator: the backbone a run
+    trains is the same with and without it."""
+    weights = []
+    for probe in (False, True):
+        final = _run(tmp_path / str(probe), online_probe=probe, num_tasks=1, strategy="finetune").run()
+        weights.append(safetensors.torch.load_file(final / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -5,7 +5,10 @@ one SSL method, and the runs ``finetune``, ``branch``, ``branch-paper`` (Branch-
 ``--preset paper``: the authors' settings), ``cassle``, ``cassle+branch`` and the ``joint`` upper
 bound, each trained with the same epochs, batch size and image size, for every ``--seeds`` seed.
 Each seed's runs go to ``OUTPUT/seed-S/<run>`` with a ``timm-branch report`` table and plots;
-with two seeds or more, ``OUTPUT/summary.md`` gives each run's mean ± std over seeds and the
+runs whose first task is the same computation (every run but ``branch-paper``, whose preset
+changes the initialisation and normalisation) start from the ``finetune`` run's task 0 instead of
+training it again: the same weights, since each run seeds task 0 alike. With two seeds or more,
+``OUTPUT/summary.md`` gives each run's mean ± std over seeds and the
 paired differences ``branch - finetune``, ``branch-paper - finetune`` and
 ``cassle+branch - cassle`` with 95 % intervals.
 
@@ -32,10 +35,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from timm_branch.evaluate import ContinualMetrics
 from timm_branch.evaluate.report import report
 from timm_branch.evaluate.seeds import seed_summary, seed_table
 from timm_branch.train import ContinualRun, TrainConfig
@@ -148,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                 precision=args.precision, channels_last=args.channels_last, device=args.device,
                 warmup_epochs=min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs, output=str(out / f"seed-{seed}" / name.replace("+", "-")), **RUNS[name],
             )
-            folders[name][seed] = _train(config, progress=not args.smoke)
+            first = folders.get("finetune", {}).get(seed) if "preset" not in RUNS[name] else None
+            folders[name][seed] = _train(config, progress=not args.smoke, first_task=first)
         print(report([folders[name][seed] for name in args.runs], output_dir=out / f"seed-{seed}" / "report"), flush=True)
     if len(args.seeds) > 1:
         pairs = [p for p in PAIRS if all(name in args.runs for name in p)]
@@ -161,18 +167,37 @@ def main(argv: list[str] | None = None) -> None:
         print(table)
 
 
-def _train(config: TrainConfig, progress: bool) -> Path:
-    """Run (or resume) one run folder; a folder holding another configuration is refused."""
+def _train(config: TrainConfig, progress: bool, first_task: Path | None = None) -> Path:
+    """Run (or resume) one run folder; a folder holding another configuration is refused. A new
+    run with ``first_task`` (a finished run folder of the same first task) starts from its task 0."""
     run_dir = Path(config.output)
     run = ContinualRun(config, progress=progress)
-    resume = (run_dir / "config.yaml").exists()
-    if resume and TrainConfig.from_yaml(run_dir / "config.yaml") != run.resolved_config():
+    if first_task is not None and not run_dir.exists():
+        _copy_first_task(first_task, run_dir, run.resolved_config())
+    resume = (run_dir / "config.yaml").exists() or (run_dir / "task-0").is_dir()
+    if (run_dir / "config.yaml").exists() and TrainConfig.from_yaml(run_dir / "config.yaml") != run.resolved_config():
         raise SystemExit(f"{run_dir} holds a run with another configuration; choose another --output")
     done = resume and (run_dir / f"task-{config.num_tasks - 1}").is_dir()
     print(f"== seed {config.seed} {run_dir.name}: {run_dir}{' (done)' if done else ' (resuming)' if resume else ''}", flush=True)
     if not done:
         run.run(resume=resume)
     return run_dir
+
+
+def _copy_first_task(source: Path, run_dir: Path, config: TrainConfig) -> None:
+    """``source``'s task 0 (model folder and evaluation) as the first task of a new run folder for
+    ``config``, staged beside it and renamed into place."""
+    staging = run_dir.with_name(f".{run_dir.name}.first-task")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source / "task-0", staging / "task-0")
+    info_path = staging / "task-0" / "task.json"
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info_path.write_text(json.dumps({**info, "strategy": config.strategy}, indent=2), encoding="utf-8")
+    metrics = ContinualMetrics.load(source / "metrics.json")
+    metrics.rows = metrics.rows[:1]
+    metrics.meta = {**metrics.meta, "strategy": config.strategy, "shape": config.shape, "bn": config.bn}
+    metrics.save(staging)
+    staging.rename(run_dir)
 
 
 if __name__ == "__main__":

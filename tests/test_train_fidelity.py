@@ -123,3 +123,16 @@ def test_online_probe_leaves_the_ssl_training_unchanged(tmp_path):
         final = _run(tmp_path / str(probe), online_probe=probe, num_tasks=1, strategy="finetune").run()
         weights.append(safetensors.torch.load_file(final / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_branch_lr_scale_gives_the_branches_their_own_scheduled_rate(tmp_path):
+    run = _run(tmp_path, strategy="branch", branch_lr_scale=5.0)
+    learner = run._initial_learner()
+    run._prepare_task(learner, 1)
+    optimizer, scheduler = run._optimizer(learner, total=4, warmup=0)
+    branch_group = optimizer.param_groups[1]
+    assert branch_group["lr"] == pytest.approx(5 * run.lr) and optimizer.param_groups[0]["lr"] == pytest.approx(run.lr)
+    assert branch_group["weight_decay"] == optimizer.param_groups[0]["weight_decay"]  # decay as the kernels'
+    optimizer.step()
+    scheduler.step()
+    assert branch_group["lr"] / optimizer.param_groups[0]["lr"] == pytest.approx(5.0)  # the schedule scales both

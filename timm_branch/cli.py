@@ -50,6 +50,7 @@ _HELP = {
     "preset": "library | paper: the defaults of --shape, --bn, --branch-weight-decay, --normalization, --zero-init-last "
               "and --optimizer left unset (paper: the authors' settings, docs/REPRODUCTION.md)",
     "branch_weight_decay": "weight decay of the branch tensors (default: --weight-decay; the paper preset: 0)",
+    "branch_lr_scale": "the branch tensors' learning rate as a multiple of --lr (default 1)",
     "normalization": "imagenet | cifar10 | cifar100 | data (CIFAR statistics for cifar10:/cifar100: data); default imagenet",
     "zero_init_last": "timm's zero init of each residual block's last BatchNorm (default: timm's; the paper preset: off)",
 }

@@ -75,6 +75,7 @@ class TrainConfig:
     lr: float | None = None
     weight_decay: float | None = None
     branch_weight_decay: float | None = None  # branches' weight decay; None: weight_decay (library), 0 (paper)
+    branch_lr_scale: float = 1.0  # the branch tensors' learning rate as a multiple of lr
     normalization: str | None = None  # imagenet | cifar10 | cifar100 | data (CIFAR's own for cifar10:/cifar100: data)
     zero_init_last: bool | None = None  # timm's zero init of each block's last BN; None: timm's default
     warmup_epochs: int = 1
@@ -126,6 +127,8 @@ class TrainConfig:
                 found.append(f"{name}={getattr(self, name)} must be at least {low}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
             found.append(f"warmup_epochs={self.warmup_epochs} must lie between 0 and epochs={self.epochs}")
+        if self.branch_lr_scale <= 0:
+            found.append(f"branch_lr_scale={self.branch_lr_scale} must be positive")
         if self.lr is not None and self.lr <= 0:
             found.append(f"lr={self.lr} must be positive")
         for name in ("weight_decay", "branch_weight_decay"):

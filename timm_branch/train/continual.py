@@ -344,7 +344,8 @@ class ContinualRun:
         its warmup-cosine schedule over ``total`` steps, ``warmup`` of them warm-up."""
         cfg = self.config
         optimizer = build_optimizer(cfg.optimizer or self.recipe.optimizer, self._trainable(learner), self.lr, self.weight_decay,
-                                    branch_weight_decay=cfg.branch_weight_decay)
+                                    branch_weight_decay=cfg.branch_weight_decay,
+                                    branch_lr=None if cfg.branch_lr_scale == 1 else self.lr * cfg.branch_lr_scale)
         if learner.probe is not None:
             # solo-learn's online classifier: its own learning rate, no weight decay, no LARS scaling.
             optimizer.add_param_group(dict(params=list(learner.probe.parameters()), lr=ONLINE_PROBE_LR, weight_decay=0.0, lars_exclude=True))

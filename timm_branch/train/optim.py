@@ -100,39 +100,41 @@ def _trust_ratios(params: list[torch.Tensor], grads: list[torch.Tensor], eta: fl
 
 
 def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
-                 branch_weight_decay: float | None = None) -> list[dict]:
+                 branch_weight_decay: float | None = None, branch_lr: float | None = None) -> list[dict]:
     """Split named trainable parameters into a decayed group, an excluded one (1-D: biases, norm
-    affines) and, with ``branch_weight_decay``, a group of the branch tensors (names starting with
-    ``branch.``) decayed by that instead.
+    affines) and, with ``branch_weight_decay`` or ``branch_lr``, a group of the branch tensors
+    (names starting with ``branch.``) with that decay and learning rate instead.
 
     The excluded group carries ``lars_exclude=True`` and ``weight_decay=0``. Branch tensors are
     never 1-D; by default they are decayed like any kernel (towards the old kernel, since the
     decay acts on the delta); the authors passed ``weight_decay=0.`` for them
     (``branch_weight_decay=0``).
     """
+    own = branch_weight_decay is not None or branch_lr is not None
     decay, keep, branches = [], [], []
     for name, p in params:
         if not p.requires_grad:
             continue
         if p.ndim <= 1:
             keep.append(p)
-        elif branch_weight_decay is not None and name.startswith("branch."):
+        elif own and name.startswith("branch."):
             branches.append(p)
         else:
             decay.append(p)
     groups = [dict(params=decay, weight_decay=weight_decay)]
     if branches:
-        groups.append(dict(params=branches, weight_decay=branch_weight_decay))
+        group = dict(params=branches, weight_decay=weight_decay if branch_weight_decay is None else branch_weight_decay)
+        groups.append(group if branch_lr is None else {**group, "lr": branch_lr})
     if keep:
         groups.append(dict(params=keep, weight_decay=0.0, lars_exclude=True))
     return groups
 
 
 def build_optimizer(name: str, params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
-                    branch_weight_decay: float | None = None) -> torch.optim.Optimizer:
+                    branch_weight_decay: float | None = None, branch_lr: float | None = None) -> torch.optim.Optimizer:
     """``"lars"`` (momentum 0.9, eta 0.02, clipped), ``"sgd"`` (momentum 0.9) or ``"adamw"`` over
-    :func:`param_groups`."""
-    groups = param_groups(params, weight_decay, branch_weight_decay)
+    :func:`param_groups` (learning rates: ``lr``, ``branch_lr`` for the branch tensors if given)."""
+    groups = param_groups(params, weight_decay, branch_weight_decay, branch_lr)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: nothing to optimise")
     if name == "lars":

@@ -24,6 +24,10 @@ says so: one real forward pass (on ``example_input``, or a random batch of the m
 ``pretrained_cfg['input_size']``) pairs a conv with a BatchNorm only when the conv's output tensor
 is passed unchanged to that BatchNorm. It is conservative: it never pairs across additions,
 concatenations or leaf boundaries, so it may leave a conv without a branch, never add a wrong one.
+
+Neither the trace nor the fallback forward leaves anything behind in the model: what hooks stored,
+caches and attributes the forward set, buffers it updated are all put back
+(:mod:`timm_branch._preserve`), so the model still copies and saves as before.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ._preserve import preserved
 from .bn import is_batchnorm
 
 
@@ -78,13 +83,17 @@ def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor | None = No
 
 
 def _pairing(model: nn.Module, example_input: torch.Tensor | None) -> tuple[list[ConvBNPair], dict[str, str]]:
-    """The pairs, and for every conv left unpaired a short reason (for reports)."""
+    """The pairs, and for every conv left unpaired a short reason (for reports).
+
+    The trace and the fallback forward leave the model as they found it (:func:`preserved`).
+    """
     found: dict[str, set[str]] = {}
     reasons: dict[str, str] = {}
     untraced: list[tuple[str, Exception]] = []
-    _pairs_in(model, "", found, reasons, untraced)
-    if untraced:
-        _add_fallback_pairs(model, untraced, example_input, found)
+    with preserved(model):
+        _pairs_in(model, "", found, reasons, untraced)
+        if untraced:
+            _add_fallback_pairs(model, untraced, example_input, found)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     pairs = [ConvBNPair(conv, tuple(sorted(found[conv], key=order.__getitem__))) for conv in sorted(found, key=order.__getitem__)]
     for name, module in model.named_modules():
@@ -251,7 +260,9 @@ def _direct_pairs_by_forward(model: nn.Module, example_input: torch.Tensor | Non
                 "forward pass; pass example_input=<a batch the model accepts>"
             )
         param = next(model.parameters())
-        example_input = torch.randn(2, *input_size, dtype=param.dtype, device=param.device)
+        # A generator of its own: pairing must not advance the program's global random stream.
+        gen = torch.Generator(device=param.device).manual_seed(0)
+        example_input = torch.randn(2, *input_size, dtype=param.dtype, device=param.device, generator=gen)
     outputs: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: dict[str, set[str]] = {}
 

@@ -15,6 +15,8 @@ paired differences ``branch - finetune``, ``branch-paper - finetune`` and
     python examples/cifar100_protocol.py --data ../shared/data/cifar100.npz            # the paper's budget
     python examples/cifar100_protocol.py --data cifar100.npz --epochs 2 --per-class 100  # reduced
     python examples/cifar100_protocol.py --smoke                                         # seconds, offline
+    python examples/cifar100_protocol.py --data cifar100.npz --runs finetune branch \
+        --variant branch-bn-train:strategy=branch,bn=train --seeds 0 1 2                # an ablation over seeds
 
 ``--data`` is the CIFAR-100 ``.npz`` (keys ``x_train``, ``y_train``, ``x_test``, ``y_test``) or a
 torchvision CIFAR-100 root folder. ``--per-class N`` trains on a seeded subset of N training
@@ -39,6 +41,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from timm_branch.evaluate import ContinualMetrics
 from timm_branch.evaluate.report import report
@@ -55,7 +58,26 @@ RUNS: dict[str, dict[str, str]] = {
 }
 """Each run of the protocol: its ``TrainConfig`` fields beyond the shared budget."""
 PAIRS = (("branch", "finetune"), ("branch-paper", "finetune"), ("cassle+branch", "cassle"))
-"""The paired differences the summary reports."""
+"""The paired differences the summary reports (and each ``--variant`` against ``finetune``)."""
+LATER_TASKS_ONLY = frozenset({"strategy", "shape", "bn", "branch_weight_decay", "branch_lr_scale", "distill_weight"})
+"""Fields that change nothing in task 0 (no branch and no distillation there): a run that differs
+from ``finetune`` only in these shares its first task."""
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
+    """``NAME:key=value,key=value`` (``TrainConfig`` fields, YAML values) as ``(NAME, fields)``,
+    e.g. ``branch-bn-train:strategy=branch,bn=train``."""
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: write NAME:key=value[,key=value...], "
+                                         "e.g. branch-bn-train:strategy=branch,bn=train")
+    fields = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise argparse.ArgumentTypeError(f"--variant {text!r}: {item!r} is not key=value with a TrainConfig field as key")
+        fields[key] = yaml.safe_load(value)
+    return name, fields
 
 
 def write_subset(source: Path, out: Path, per_class: int | None, test_per_class: int | None, seed: int) -> Path:
@@ -105,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default="runs/cifar100", help="OUTPUT/seed-S/<run> per seed and run, OUTPUT/summary.md")
     parser.add_argument("--method", default="simclr")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="which runs of the protocol")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="an extra run (an ablation), e.g. branch-full:strategy=branch,shape=full; compared with finetune")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--num-tasks", type=int, default=5, help="class-incremental tasks (the papers: 5)")
     parser.add_argument("--epochs", type=int, default=500, help="epochs per task (the papers: 500)")
@@ -144,20 +168,23 @@ def main(argv: list[str] | None = None) -> None:
         data = args.data
     print(f"protocol: {args.model} at {args.image_size} px, {args.method}, {args.num_tasks} tasks x {args.epochs} epochs, "
           f"batch {args.batch_size}, runs {', '.join(args.runs)}, seeds {args.seeds} -> {out}", flush=True)
-    folders: dict[str, dict[int, Path]] = {name: {} for name in args.runs}
+    runs = {**{name: RUNS[name] for name in args.runs}, **dict(args.variant)}
+    folders: dict[str, dict[int, Path]] = {name: {} for name in runs}
     for seed in args.seeds:
-        for name in args.runs:
+        for name, fields in runs.items():
             config = TrainConfig(
                 model=args.model, data=[f"cifar100:{data}"], scenario="class", num_tasks=args.num_tasks, method=args.method,
                 epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, seed=seed,
                 precision=args.precision, channels_last=args.channels_last, device=args.device,
-                warmup_epochs=min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs, output=str(out / f"seed-{seed}" / name.replace("+", "-")), **RUNS[name],
+                warmup_epochs=min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs,
+                output=str(out / f"seed-{seed}" / name.replace("+", "-")), **fields,
             )
-            first = folders.get("finetune", {}).get(seed) if "preset" not in RUNS[name] else None
+            first = folders.get("finetune", {}).get(seed) if set(fields) <= LATER_TASKS_ONLY and name != "finetune" else None
             folders[name][seed] = _train(config, progress=not args.smoke, first_task=first)
-        print(report([folders[name][seed] for name in args.runs], output_dir=out / f"seed-{seed}" / "report"), flush=True)
+        print(report([folders[name][seed] for name in runs], output_dir=out / f"seed-{seed}" / "report"), flush=True)
     if len(args.seeds) > 1:
-        pairs = [p for p in PAIRS if all(name in args.runs for name in p)]
+        pairs = [p for p in PAIRS if all(name in runs for name in p)]
+        pairs += [(name, "finetune") for name, _ in args.variant if "finetune" in runs]
         summary = seed_summary(folders, pairs)
         table = seed_table(summary)
         (out / "summary.md").write_text(f"{table}\n", encoding="utf-8")

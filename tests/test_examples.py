@@ -14,6 +14,7 @@ import timm
 from PIL import Image
 
 import timm_branch
+from timm_branch.train.config import TrainConfig
 from hub_server import client_env, hub_server  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,12 +126,14 @@ def test_cifar100_protocol_smoke_needs_no_data_and_summarises_seeds(tmp_path):
     CIFAR-shaped data, two seeds, and the paired-difference summary over them."""
     out = tmp_path / "protocol"
     stdout = "\n".join(run_example("cifar100_protocol.py", "--smoke", "--seeds", "0", "1", "--runs", "finetune", "branch",
-                                    "--output", str(out)))
+                                    "--variant", "branch-full:strategy=branch,shape=full", "--output", str(out)))
     for seed in (0, 1):
-        for name in ("finetune", "branch"):
+        for name in ("finetune", "branch", "branch-full"):
             assert (out / f"seed-{seed}" / name / "task-1" / "model.safetensors").is_file(), (seed, name)
+        assert TrainConfig.from_yaml(out / f"seed-{seed}" / "branch-full" / "config.yaml").shape == "full"
     summary = (out / "summary.md").read_text()
     assert "| branch (2) |" in summary and "| branch - finetune |" in summary and summary in stdout + "\n"
+    assert "| branch-full - finetune |" in summary
     pair = json.loads((out / "summary.json").read_text())["pairs"]["branch - finetune"]["linear_final"]
     assert pair["n"] == 2 and pair["low"] <= pair["mean"] <= pair["high"]
 

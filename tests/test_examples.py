@@ -149,3 +149,16 @@ def test_cifar100_protocol_smoke_on_real_images(tmp_path):
     assert (out / "seed-0" / "report" / "accuracy_curves.png").is_file()
     subset = np.load(next((out / "data").glob("*.npz")))
     assert subset["x_train"].shape == (1000, 32, 32, 3) and subset["x_test"].shape == (400, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_gpu_protocol_script_smoke(tmp_path):
+    """scripts/gpu_protocol.sh, the prepared GPU run: its own flags (bf16, channels_last, three
+    seeds, four strategies) at --smoke scale on the CPU."""
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_protocol.sh"), "smoke"], capture_output=True, text=True,
+                            env={**ENV, "OUT": str(tmp_path)}, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (tmp_path / "cifar100-gpu-smoke" / "summary.md").read_text()
+    assert "| branch - finetune |" in summary and "| cassle+branch - cassle |" in summary and "| finetune (3) |" in summary
+    config = TrainConfig.from_yaml(tmp_path / "cifar100-gpu-smoke" / "seed-2" / "cassle-branch" / "config.yaml")
+    assert (config.precision, config.channels_last) == ("bf16", True)

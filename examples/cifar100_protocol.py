@@ -130,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="an extra run (an ablation), e.g. branch-full:strategy=branch,shape=full; compared with finetune")
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--pretrained", help="start every run from these weights (local-dir:PATH, hf-hub:org/name or a timm "
+                        "name); task 0 then uses each run's strategy too, so no run shares finetune's task 0")
     parser.add_argument("--num-tasks", type=int, default=5, help="class-incremental tasks (the papers: 5)")
     parser.add_argument("--epochs", type=int, default=500, help="epochs per task (the papers: 500)")
     parser.add_argument("--warmup-epochs", type=int, help="linear warm-up epochs of each task (default: min(10, epochs), "
@@ -173,13 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         for name, fields in runs.items():
             config = TrainConfig(
-                model=args.model, data=[f"cifar100:{data}"], scenario="class", num_tasks=args.num_tasks, method=args.method,
+                model=args.model, pretrained=args.pretrained, data=[f"cifar100:{data}"], scenario="class", num_tasks=args.num_tasks, method=args.method,
                 epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, seed=seed,
                 precision=args.precision, channels_last=args.channels_last, device=args.device,
                 warmup_epochs=min(10, args.epochs) if args.warmup_epochs is None else args.warmup_epochs,
                 output=str(out / f"seed-{seed}" / name.replace("+", "-")), **fields,
             )
-            first = folders.get("finetune", {}).get(seed) if set(fields) <= LATER_TASKS_ONLY and name != "finetune" else None
+            shares = set(fields) <= LATER_TASKS_ONLY and name != "finetune" and not args.pretrained
+            first = folders.get("finetune", {}).get(seed) if shares else None
             folders[name][seed] = _train(config, progress=not args.smoke, first_task=first)
         print(report([folders[name][seed] for name in runs], output_dir=out / f"seed-{seed}" / "report"), flush=True)
     if len(args.seeds) > 1:

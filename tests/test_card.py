@@ -71,9 +71,19 @@ def test_front_matter_parses_and_has_the_metadata():
     assert meta["library_name"] == "timm"
     assert set(TAGS) <= set(meta["tags"]) and "timm-branch" in meta["tags"]
     assert meta["license"] == "apache-2.0"  # test_resnet's pretrained_cfg
-    assert meta["base_model"] == "timm/test_resnet.r160_in1k"
     assert 'timm.create_model("hf-hub:org/name", pretrained=True)' in card
     assert "arXiv 2403.18266" in card and "`test_resnet`" in card
+
+
+def test_a_bare_model_claims_no_base_model(tmp_path):
+    """timm gives a pretrained=False model its architecture's default pretrained_cfg: that names
+    weights it may never have loaded, so neither render_model_card nor save_pretrained claims them."""
+    model = merged_test_resnet()
+    for card in (render_model_card(model), (tb.save_pretrained(model, tmp_path / "out") / "README.md").read_text()):
+        assert "base_model" not in parse_front_matter(card)
+        assert "- Source weights: not recorded (the architecture's default weights are `timm/test_resnet.r160_in1k`" in card
+    named = render_model_card(model, base_model="timm/test_resnet.r160_in1k")
+    assert parse_front_matter(named)["base_model"] == "timm/test_resnet.r160_in1k"
 
 
 def test_licence_is_always_explicit(caplog):
@@ -106,13 +116,14 @@ def test_folder_card_reads_the_run(tmp_path):
     rows = [line for line in card.splitlines() if line.startswith("| ") and not line.startswith("| task")]
     assert len(rows) == 2
     cells = [c.strip() for c in rows[1].strip("|").split("|")]
-    assert cells == ["1", "cross", "frozen", "15", "cifar10; class-incremental task 2/2 (classes 2, 3)", "simclr",
+    assert cells == ["1", "cross", "frozen", "15", "cifar10; class-incremental task 1 (of tasks 0-1) (classes 2, 3)", "simclr",
                      "branch", "3", "62.50%", "75.00%"]
     assert f"![top-1 accuracy after each task]({PLOT_FILE})" in card
     assert "/home/someone" not in card  # local paths stay private
     # An earlier task's card stops at that task, although metrics.json has later rows.
     early = render_folder_card(run / "task-0")
     assert "| 0 | cross | frozen | 15 |" in early and "| 1 |" not in early and PLOT_FILE not in early
+    assert "- knn after task 0: average accuracy 90.00%" in early  # the summary stops there too
 
 
 def test_read_run_tolerates_missing_files(tmp_path):

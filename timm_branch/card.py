@@ -101,27 +101,29 @@ def read_run(run_dir: str | os.PathLike, upto_task: int | None = None) -> RunInf
         except yaml.YAMLError as err:
             log.warning("ignoring %s: not valid YAML (%s)", path, err)
     path = run / "metrics.json"
+    metrics = None
     if path.is_file():
         try:
             from .evaluate.metrics import ContinualMetrics
 
-            info.metrics = ContinualMetrics.load(path).to_dict()
+            metrics = ContinualMetrics.load(path)
         except (ValueError, KeyError, TypeError) as err:
             log.warning("ignoring %s: %s", path, err)
     if upto_task is None:
         count = 0
         while (run / f"task-{count}").is_dir():
             count += 1
-        rows = len(info.metrics["rows"]) if info.metrics else 0
-        upto_task = max(count, rows) - 1
+        upto_task = max(count, len(metrics.rows) if metrics is not None else 0) - 1
     for k in range(upto_task + 1):
         path = run / f"task-{k}" / "task.json"
         try:
             info.tasks.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
         except ValueError:
             info.tasks.append({})
-    if info.metrics:
-        info.metrics["rows"] = [r for r in info.metrics["rows"] if r["task"] <= upto_task]
+    if metrics is not None:
+        # The summary too describes the model after upto_task, not the rest of the run.
+        metrics.rows = [r for r in metrics.rows if r.task <= upto_task]
+        info.metrics = metrics.to_dict()
     if (run / PLOT_FILE).is_file():
         info.plot = run / PLOT_FILE
     return info
@@ -147,9 +149,12 @@ def _source_weights(pretrained_cfg: dict, run: RunInfo | None) -> tuple[str | No
         if "." not in name and pretrained_cfg.get("tag"):
             name = f"{name}.{pretrained_cfg['tag']}"
         return f"timm/{name}", f"timm's pretrained `{name}` (`timm/{name}` on the Hub)"
+    # A timm model names its architecture's default weights whether or not it loaded them
+    # (pretrained=False keeps the same pretrained_cfg), so they are not claimed as the base model.
     hub_id = pretrained_cfg.get("hf_hub_id")
     if hub_id:
-        return hub_id, f"`{hub_id}` (as named by the model's pretrained_cfg)"
+        return None, (f"not recorded (the architecture's default weights are `{hub_id}`, but a timm model does not "
+                      "say whether it loaded them; pass base_model to name the starting weights)")
     return None, "not recorded"
 
 
@@ -265,7 +270,8 @@ def _history_rows(history: list[dict], run: RunInfo | None) -> tuple[list[str], 
         entry = next(own_iter, None) if branched[k] else None
         data = ", ".join(specs) or "–"
         if scenario:
-            data += f"; {_SCENARIOS.get(scenario, scenario)} task {k + 1}/{metrics.get('num_tasks') or cfg.get('num_tasks') or n}"
+            total = metrics.get('num_tasks') or cfg.get('num_tasks') or n
+            data += f"; {_SCENARIOS.get(scenario, scenario)} task {k} (of tasks 0-{total - 1})"
         if classes and k < len(classes):
             data += f" (classes {', '.join(map(str, classes[k]))})"
         shape = entry.get("shape") if entry else (cfg.get("shape") if branched[k] else "none")
@@ -323,11 +329,12 @@ def render_card(
     finals = [(probe, s) for probe, s in summary.items() if s and s.get("average_accuracy") is not None]
     if run and run.metrics and run.metrics.get("rows") and finals:
         lines += [""]
+        last = max(r["task"] for r in run.metrics["rows"])
         for probe, s in finals:
             parts = [f"average accuracy {_pct(s['average_accuracy'])}"]
             if s.get("forgetting") is not None:
                 parts.append(f"forgetting {_pct(s['forgetting'])}")
-            lines.append(f"- {probe} (whole run): " + ", ".join(parts))
+            lines.append(f"- {probe} after task {last}: " + ", ".join(parts))
     if plot_name:
         lines += ["", "## Accuracy", "", f"![top-1 accuracy after each task]({plot_name})"]
     ref = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME"
@@ -357,6 +364,7 @@ def render_model_card(
     *,
     run_dir: str | os.PathLike | None = None,
     upto_task: int | None = None,
+    run: RunInfo | None = None,
     license: str | None = None,
     base_model: str | None = None,
     datasets: Sequence[str] | None = None,
@@ -370,6 +378,7 @@ def render_model_card(
             weights and licence).
         history: one entry per merged task (default: :func:`timm_branch.history.branch_history`).
         run_dir: a run folder to read task facts and metrics from (see :func:`read_run`).
+        run: those facts given directly, for a run still writing them (instead of ``run_dir``).
         license, base_model, datasets: override what the card would find itself.
         repo_id: the Hub repository the card is for (title and usage snippet).
         plot_name: relative path of an accuracy plot shipped with the card.
@@ -380,7 +389,8 @@ def render_model_card(
         history = branch_history(model)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     arch = cfg.get("architecture") or type(model).__name__
-    run = read_run(run_dir, upto_task) if run_dir is not None else None
+    if run_dir is not None:
+        run = read_run(run_dir, upto_task)
     return render_card(architecture=arch, pretrained_cfg=cfg, history=history, run=run, license=license,
                        base_model=base_model, datasets=datasets, repo_id=repo_id, plot_name=plot_name)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from timm_branch import ConvBNPair, PairingFallbackWarning, find_conv_bn_pairs
+from timm_branch.pairs import ConvNormPair, find_conv_norm_pairs
 
 
 def _pairs(model, **kwargs) -> dict[str, tuple[str, ...]]:
@@ -44,7 +45,9 @@ class _Misnamed(nn.Module):
 
 
 def test_pairs_follow_data_flow_not_names_or_order():
-    assert _pairs(_Misnamed()) == {"bn": ("conv",)}
+    assert _pairs(_Misnamed()) == {"bn": ("conv",), "feeds_act": ("norm_after_act",)}
+    shape_only = find_conv_norm_pairs(_Misnamed(), through=("shape",))
+    assert shape_only == [ConvNormPair("bn", ("conv",), "shape")]
 
 
 class _PreAct(nn.Module):
@@ -117,3 +120,55 @@ def test_untraceable_timm_leaf_is_traced_on_its_own_or_falls_back():
 
 def test_model_without_batchnorm_has_no_pairs():
     assert find_conv_bn_pairs(nn.Sequential(nn.Conv2d(3, 3, 3), nn.GroupNorm(1, 3))) == []
+
+
+class _Chains(nn.Module):
+    """conv -> GELU -> BN, a separable depthwise -> pointwise -> BN, and LayerNorm/GroupNorm after convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.act_conv, self.act_bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.pw, self.sep_bn = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.ln_conv, self.ln = nn.Conv2d(8, 8, 1), nn.LayerNorm(8)
+        self.gn_conv, self.gn = nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8)
+        self.gate = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.act_bn(nn.functional.gelu(self.act_conv(x)))
+        x = self.sep_bn(self.pw(self.dw(x)))
+        x = self.ln(self.ln_conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # ConvNeXt's channels-last LN
+        x = self.gn(self.gn_conv(x))
+        return x * torch.sigmoid(self.gate(x))  # a gate: never paired
+
+
+def _paths(**kwargs) -> dict[str, tuple[tuple[str, ...], str]]:
+    return {p.conv: (p.norms, p.path) for p in find_conv_norm_pairs(_Chains(), **kwargs)}
+
+
+def test_default_pairs_through_activations_into_batchnorm_only():
+    assert _paths() == {"act_conv": (("act_bn",), "act"), "pw": (("sep_bn",), "shape")}
+
+
+def test_widened_norms_and_through_pair_chains_layernorm_and_groupnorm():
+    widest = _paths(norms=("batch", "layer", "group"), through=("shape", "act", "conv"))
+    assert widest == {
+        "act_conv": (("act_bn",), "act"), "dw": (("sep_bn",), "conv"), "pw": (("sep_bn",), "shape"),
+        "ln_conv": (("ln",), "shape"), "gn_conv": (("gn",), "shape"),
+    }
+    assert _paths(norms=("group",)) == {"gn_conv": (("gn",), "shape")}
+
+
+@pytest.mark.parametrize("kwargs", [{"norms": ("instance",)}, {"through": ("reshape",)}, {"norms": "batch"},
+                                    {"through": ()}])
+def test_unknown_norm_or_through_kinds_are_named(kwargs):
+    with pytest.raises(ValueError, match="norms|through"):
+        find_conv_norm_pairs(_Chains(), **kwargs)
+
+
+def test_convmixer_pairs_through_its_activation_by_default():
+    with torch.device("meta"):
+        model = timm.create_model("convmixer_768_32", pretrained=False)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    pairs = find_conv_norm_pairs(model)
+    assert [p.conv for p in pairs] == convs and {p.path for p in pairs} == {"act"}
+    assert find_conv_norm_pairs(model, through=("shape",)) == []

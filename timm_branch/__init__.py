@@ -10,7 +10,7 @@ from .bn import BN_POLICIES
 from .export import save_pretrained
 from .history import branch_history
 from .hub import HubPushError, push_task_folder, push_to_hub
-from .pairs import ConvBNPair, PairingFallbackWarning, find_conv_bn_pairs
+from .pairs import ConvBNPair, ConvNormPair, PairingFallbackWarning, find_conv_bn_pairs, find_conv_norm_pairs
 from .surgery import (
     NoBatchNormError,
     add_branches,
@@ -26,6 +26,7 @@ __all__ = [
     "BRANCH_SHAPES",
     "ConvBNPair",
     "ConvBranch",
+    "ConvNormPair",
     "HubPushError",
     "NoBatchNormError",
     "PairingFallbackWarning",
@@ -34,6 +35,7 @@ __all__ = [
     "branch_parameters",
     "branch_state_dict",
     "find_conv_bn_pairs",
+    "find_conv_norm_pairs",
     "load_branch_state_dict",
     "merge_branches",
     "push_task_folder",

@@ -1,28 +1,36 @@
-"""Find the convolutions whose output feeds a BatchNorm, by data flow.
+"""Find the convolutions whose output feeds a norm layer, by data flow.
 
 The model is traced into a ``torch.fx`` graph with timm's own no-trace lists
-(``timm.layers.get_notrace_modules`` / ``get_notrace_functions``), convolutions and BatchNorms
-kept as leaves. A conv *feeds* a BatchNorm when every path from its output reaches a BatchNorm
-before any operation other than the channel-preserving linear ones below, which a
-BatchNorm sees through:
+(``timm.layers.get_notrace_modules`` / ``get_notrace_functions``), convolutions, norm layers and
+activation modules kept as leaves. A conv *feeds* a norm layer when every path from its output
+reaches one of the selected norm layers (``norms``) through the selected kinds of op
+(``through``) only:
 
-- residual additions (``x + conv(x)``), concatenation, splitting and indexing (DenseNet,
-  DPN, ``MixedConv2d``'s concatenated child convs), ``torch.add``;
-- dropout, drop-path, drop-block and identity modules;
-- average pooling (DenseNet's transitions).
+- ``"shape"`` (always): the channel-preserving linear ops a norm layer sees through: residual
+  additions (``x + conv(x)``), concatenation, splitting and indexing (DenseNet, DPN,
+  ``MixedConv2d``'s concatenated child convs), ``torch.add``, ``permute`` (ConvNeXt's
+  channels-last LayerNorm); dropout, drop-path, drop-block and identity modules; average pooling
+  (DenseNet's transitions);
+- ``"act"``: elementwise activations (ReLU, GELU, SiLU, ...: ConvMixer's conv -> GELU -> BN);
+- ``"conv"``: a following conv (the depthwise conv of a depthwise -> pointwise -> norm chain).
+
+``norms`` picks ``"batch"`` (any ``_BatchNorm``), ``"layer"`` (``nn.LayerNorm`` over one
+dimension, timm's ``LayerNorm``/``LayerNorm2d``/``LayerNormAct2d``) and ``"group"``
+(``nn.GroupNorm``, timm's ``GroupNorm``/``GroupNormAct``). The defaults, ``("batch",)`` and
+``("shape", "act")``, are the paper's setting plus activations.
 
 Shape queries (``x.shape``, ``x.size()``) are not data flow and are ignored. This covers
 post-activation nets (conv -> BN), pre-activation nets (ResNetV2, DenseNet, DPN, xception41p:
 a conv feeds the next block's BN across the residual addition or concatenation) and timm's
 conv classes (``Conv2dSame``, ``StdConv2d``, ``CondConv2d``, ``MixedConv2d``). A path into a
-non-linearity, a multiplicative gate, a reshape or the model output disqualifies the conv.
+multiplicative gate, a reshape, the model output or an op not selected disqualifies the conv.
 
 timm marks some modules as untraceable (``MobileVitBlock``, attention blocks, ...). Such a leaf
-that contains convs or BatchNorms is traced on its own; when that, or the whole model, cannot be
+that contains convs or norm layers is traced on its own; when that, or the whole model, cannot be
 traced, the **fallback rule** applies to the untraceable part and a :class:`PairingFallbackWarning`
 says so: one real forward pass (on ``example_input``, or a random batch of the model's
-``pretrained_cfg['input_size']``) pairs a conv with a BatchNorm only when the conv's output tensor
-is passed unchanged to that BatchNorm. It is conservative: it never pairs across additions,
+``pretrained_cfg['input_size']``) pairs a conv with a norm layer only when the conv's output tensor
+is passed unchanged to that norm layer. It is conservative: it never pairs across additions,
 concatenations or leaf boundaries, so it may leave a conv without a branch, never add a wrong one.
 
 Neither the trace nor the fallback forward leaves anything behind in the model: what hooks stored,
@@ -35,9 +43,11 @@ import functools
 import operator
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from ._preserve import preserved
 from .bn import is_batchnorm
@@ -47,12 +57,47 @@ class PairingFallbackWarning(UserWarning):
     """Part of a model could not be FX-traced; its convs were paired by the fallback rule."""
 
 
+NORM_KINDS: tuple[str, ...] = ("batch", "layer", "group")
+THROUGH_KINDS: tuple[str, ...] = ("shape", "act", "conv")
+DEFAULT_NORMS: tuple[str, ...] = ("batch",)
+DEFAULT_THROUGH: tuple[str, ...] = ("shape", "act")
+
+
 @dataclass(frozen=True)
 class ConvBNPair:
     """A convolution and the BatchNorm layers its output feeds (module names in ``model``)."""
 
     conv: str
     bns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ConvNormPair:
+    """A convolution, the norm layers its output feeds (module names in ``model``), and ``path``:
+    the widest kind of op on the way, ``"shape"``, ``"act"`` or ``"conv"`` (see the module doc)."""
+
+    conv: str
+    norms: tuple[str, ...]
+    path: str
+
+
+def check_norms_through(norms: Sequence[str], through: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the choices when ``norms`` or ``through`` holds an unknown kind."""
+    for what, given, choices in (("norms", norms, NORM_KINDS), ("through", through, THROUGH_KINDS)):
+        unknown = sorted(set(given) - set(choices))
+        if unknown or not given or isinstance(given, str):
+            raise ValueError(f"{what}={given!r}: give a non-empty list of {', '.join(choices)} (unknown: {unknown})")
+
+
+def norm_kind(module: nn.Module) -> str | None:
+    """``"batch"``, ``"layer"`` or ``"group"`` for a norm layer a branch can pair with, else ``None``."""
+    if is_batchnorm(module):
+        return "batch"
+    if isinstance(module, nn.GroupNorm):
+        return "group"
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:  # over channels only
+        return "layer"
+    return None
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -68,43 +113,97 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, CondConv2d)
 
 
-def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor | None = None) -> list[ConvBNPair]:
-    """Every conv of ``model`` whose output feeds a BatchNorm, in module order.
+def find_conv_norm_pairs(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    norms: Sequence[str] = DEFAULT_NORMS,
+    through: Sequence[str] = DEFAULT_THROUGH,
+) -> list[ConvNormPair]:
+    """Every conv of ``model`` whose output feeds one of the ``norms`` through ``through`` ops, in module order.
 
     Args:
-        model: any ``nn.Module``, typically a timm model.
+        model: any ``nn.Module``, typically a timm model. Left unchanged.
+        example_input: a batch for the fallback rule's forward pass; only used where tracing fails.
+            Defaults to a random batch of ``model.pretrained_cfg['input_size']``.
+        norms: which norm layers count, among :data:`NORM_KINDS`.
+        through: which ops may stand between conv and norm, among :data:`THROUGH_KINDS`
+            (``"shape"`` is always allowed).
+
+    Returns:
+        One :class:`ConvNormPair` per paired conv. Empty when the model has no such conv.
+    """
+    return _pairing(model, example_input, norms, through)[0]
+
+
+def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor | None = None) -> list[ConvBNPair]:
+    """Every conv of ``model`` whose output feeds a BatchNorm, with :func:`add_branches`'s defaults
+    (through shape-only ops and elementwise activations), in module order.
+
+    Args:
+        model: any ``nn.Module``, typically a timm model. Left unchanged.
         example_input: a batch for the fallback rule's forward pass; only used where tracing fails.
             Defaults to a random batch of ``model.pretrained_cfg['input_size']``.
 
     Returns:
         One :class:`ConvBNPair` per paired conv. Empty when the model has no such conv.
     """
-    return _pairing(model, example_input)[0]
+    return [ConvBNPair(pair.conv, pair.norms) for pair in find_conv_norm_pairs(model, example_input)]
 
 
-def _pairing(model: nn.Module, example_input: torch.Tensor | None) -> tuple[list[ConvBNPair], dict[str, str]]:
+def _pairing(
+    model: nn.Module,
+    example_input: torch.Tensor | None,
+    norms: Sequence[str] = DEFAULT_NORMS,
+    through: Sequence[str] = DEFAULT_THROUGH,
+) -> tuple[list[ConvNormPair], dict[str, str]]:
     """The pairs, and for every conv left unpaired a short reason (for reports).
 
     The trace and the fallback forward leave the model as they found it (:func:`preserved`).
     """
-    found: dict[str, set[str]] = {}
+    check_norms_through(norms, through)
+    rule = _Rule(frozenset(norms), frozenset(through))
+    found: dict[str, tuple[set[str], int]] = {}
     reasons: dict[str, str] = {}
     untraced: list[tuple[str, Exception]] = []
     with preserved(model):
-        _pairs_in(model, "", found, reasons, untraced)
+        _pairs_in(model, "", rule, found, reasons, untraced)
         if untraced:
-            _add_fallback_pairs(model, untraced, example_input, found)
+            _add_fallback_pairs(model, rule, untraced, example_input, found)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    pairs = [ConvBNPair(conv, tuple(sorted(found[conv], key=order.__getitem__))) for conv in sorted(found, key=order.__getitem__)]
+    pairs = [
+        ConvNormPair(conv, tuple(sorted(found[conv][0], key=order.__getitem__)), THROUGH_KINDS[found[conv][1]])
+        for conv in sorted(found, key=order.__getitem__)
+    ]
     for name, module in model.named_modules():
         if is_conv(module) and name not in found:
             inside = next((prefix for prefix, _ in untraced if name.startswith(prefix)), None)
-            reasons.setdefault(name, "untraceable module; fallback found no direct BatchNorm" if inside is not None else "not reached by the trace")
+            traced = inside is None
+            reason = "not reached by the trace" if traced else "untraceable module; fallback found no direct norm layer"
+            reasons.setdefault(name, reason)
     return pairs, {name: reasons[name] for name in sorted(reasons, key=order.__getitem__) if name not in found}
 
 
+_THROUGH_RANK = {kind: rank for rank, kind in enumerate(THROUGH_KINDS)}
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The selected norm kinds and kinds of op between conv and norm."""
+
+    norms: frozenset[str]
+    through: frozenset[str]
+
+    def is_norm(self, module: nn.Module) -> bool:
+        return norm_kind(module) in self.norms
+
+    @property
+    def noun(self) -> str:
+        """What reasons call the selected norm layers."""
+        return "BatchNorm" if self.norms == {"batch"} else "selected norm layer"
+
+
 class _Tracer(fx.Tracer):
-    """An FX tracer that keeps convs, BatchNorms and timm's no-trace modules as leaves."""
+    """An FX tracer that keeps convs, norm layers, activations and timm's no-trace modules as leaves."""
 
     def __init__(self) -> None:
         from timm.layers import get_notrace_functions, get_notrace_modules
@@ -113,17 +212,19 @@ class _Tracer(fx.Tracer):
         self._notrace = tuple(get_notrace_modules())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_conv(m) or is_batchnorm(m) or isinstance(m, self._notrace) or super().is_leaf_module(m, module_qualified_name)
+        return (is_conv(m) or norm_kind(m) is not None or isinstance(m, _act_modules() + self._notrace)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _pairs_in(
     root: nn.Module,
     prefix: str,
-    found: dict[str, set[str]],
+    rule: _Rule,
+    found: dict[str, tuple[set[str], int]],
     reasons: dict[str, str],
     untraced: list[tuple[str, Exception]],
 ) -> None:
-    """Trace ``root`` and record its pairs; recurse into opaque leaves holding both convs and BNs."""
+    """Trace ``root`` and record its pairs; recurse into opaque leaves holding both convs and norms."""
     try:
         graph = _Tracer().trace(root)
     except Exception as err:  # FX raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -134,60 +235,82 @@ def _pairs_in(
     for node in graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
-    memo: dict[fx.Node, set[str] | str] = {}
+    memo: dict[fx.Node, _Reach] = {}
     for target, nodes in calls.items():
         module = modules[target]
         if is_conv(module):
-            reached = [_bns_fed_by(node, modules, memo) for node in nodes]
+            reached = [_norms_fed_by(node, modules, rule, memo) for node in nodes]
             blocked = [r for r in reached if isinstance(r, str)]
             if blocked:
                 reasons[prefix + target] = blocked[0]
             else:
-                found[prefix + target] = {prefix + bn for r in reached for bn in r}
-        elif _holds_pairs(module) and not is_batchnorm(module):
-            _pairs_in(module, f"{prefix}{target}.", found, reasons, untraced)
+                found[prefix + target] = ({prefix + n for r in reached for n in r[0]}, max(r[1] for r in reached))
+        elif _holds_pairs(module, rule) and not rule.is_norm(module):
+            _pairs_in(module, f"{prefix}{target}.", rule, found, reasons, untraced)
         else:
             for name, inner in module.named_modules(prefix=prefix + target):
                 if is_conv(inner):
-                    reasons[name] = f"inside {type(module).__name__}, an untraceable module without BatchNorm"
+                    reasons[name] = f"inside {type(module).__name__}, an untraceable module without {rule.noun}"
 
 
-def _holds_pairs(module: nn.Module) -> bool:
+def _holds_pairs(module: nn.Module, rule: _Rule) -> bool:
     inner = list(module.modules())
-    return any(is_conv(m) for m in inner) and any(is_batchnorm(m) for m in inner)
+    return any(is_conv(m) for m in inner) and any(rule.is_norm(m) for m in inner)
 
 
-def _bns_fed_by(node: fx.Node, modules: dict[str, nn.Module], memo: dict[fx.Node, set[str] | str]) -> set[str] | str:
-    """The BNs every data path from ``node`` reaches through pass-through ops, or why one path doesn't."""
+# The norms every path reaches and the widest rank of op on the way, or why a path does not.
+_Reach = tuple[frozenset[str], int] | str
+
+
+def _norms_fed_by(node: fx.Node, modules: dict[str, nn.Module], rule: _Rule, memo: dict[fx.Node, _Reach]) -> _Reach:
+    """The norms every data path from ``node`` reaches through ``rule``'s ops, or why one path doesn't."""
     if node in memo:
         return memo[node]
-    reached: set[str] | str = set()
+    norms: set[str] = set()
+    rank = 0
     users = [u for u in node.users if not _is_shape_query(u)]
-    if not users:
-        reached = "unused"
+    reached: _Reach = "unused" if not users else (frozenset(), 0)
     for user in users:
-        if user.op == "call_module" and is_batchnorm(modules[user.target]) and user.args[0] is node:
-            reached.add(user.target)
-        elif _is_pass_through(user, modules):
-            further = _bns_fed_by(user, modules, memo)
-            if isinstance(further, str):
-                reached = further
-                break
-            reached |= further
-        else:
-            reached = _describe(user, modules)
+        kind = _op_kind(user, node, modules, rule)
+        if kind == "norm":
+            norms.add(user.target)
+            continue
+        if kind is None:
+            reached = _describe(user, modules, rule)
             break
+        further = _norms_fed_by(user, modules, rule, memo)
+        if isinstance(further, str):
+            reached = further
+            break
+        norms |= further[0]
+        rank = max(rank, further[1], _THROUGH_RANK[kind])
+    if not isinstance(reached, str):
+        reached = (frozenset(norms), rank)
     memo[node] = reached
     return reached
 
 
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+def _op_kind(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module], rule: _Rule) -> str | None:
+    """How ``user`` (a consumer of ``node``) counts: ``"norm"``, a selected kind of op, or ``None``."""
+    module = modules[user.target] if user.op == "call_module" else None
+    if module is not None and rule.is_norm(module) and user.args[0] is node:
+        return "norm"
+    if _is_pass_through(user, modules):
+        return "shape"
+    if "act" in rule.through and _is_activation(user, modules):
+        return "act"
+    if "conv" in rule.through and module is not None and is_conv(module) and user.args[0] is node:
+        return "conv"
+    return None
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module], rule: _Rule) -> str:
     if node.op == "output":
-        return "output leaves the model without a BatchNorm"
+        return f"output leaves the model without {rule.noun}"
     if node.op == "call_module":
-        return f"feeds {type(modules[node.target]).__name__} before any BatchNorm"
+        return f"feeds {type(modules[node.target]).__name__} before any {rule.noun}"
     name = getattr(node.target, "__name__", str(node.target))
-    return f"feeds {name} before any BatchNorm"
+    return f"feeds {name} before any {rule.noun}"
 
 
 _PASS_FUNCTIONS = {
@@ -195,7 +318,12 @@ _PASS_FUNCTIONS = {
     torch.chunk, torch.nn.functional.dropout, torch.nn.functional.avg_pool2d,
     torch.nn.functional.adaptive_avg_pool2d,
 }
-_PASS_METHODS = {"add", "add_", "split", "chunk", "contiguous"}
+_PASS_METHODS = {"add", "add_", "split", "chunk", "contiguous", "permute"}
+_ACT_FUNCTIONS = {
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.celu, F.selu, F.softplus, F.sigmoid, F.tanh,
+}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim"}
 
@@ -220,6 +348,32 @@ def _is_pass_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+@functools.cache
+def _act_modules() -> tuple[type, ...]:
+    """Elementwise activation modules of torch and timm (not Softmax, GLU, ...: those mix channels)."""
+    from timm.layers import activations, activations_me
+
+    torch_acts = (
+        nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU,
+        nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.PReLU,
+    )
+    timm_acts = tuple(
+        cls for module in (activations, activations_me) for cls in vars(module).values()
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module.__name__
+    )
+    return torch_acts + timm_acts
+
+
+def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _ACT_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ACT_METHODS
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _act_modules())
+    return False
+
+
 def _is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
@@ -228,30 +382,31 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 def _add_fallback_pairs(
     model: nn.Module,
+    rule: _Rule,
     untraced: list[tuple[str, Exception]],
     example_input: torch.Tensor | None,
-    found: dict[str, set[str]],
+    found: dict[str, tuple[set[str], int]],
 ) -> None:
     for prefix, err in untraced:
         where = f"module {prefix[:-1]!r} ({type(model.get_submodule(prefix[:-1])).__name__})" if prefix else "the model"
         warnings.warn(
             f"FX tracing of {where} failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            "its convs are paired by the conservative fallback rule (a conv is paired only with a BatchNorm "
+            f"its convs are paired by the conservative fallback rule (a conv is paired only with a {rule.noun} "
             "that receives its output tensor unchanged in a real forward pass), which may leave some convs "
             "without a branch.",
             PairingFallbackWarning,
             stacklevel=3,
         )
-    direct = _direct_pairs_by_forward(model, example_input)
-    for conv, bns in direct.items():
+    direct = _direct_pairs_by_forward(model, rule, example_input)
+    for conv, norms in direct.items():
         for prefix, _ in untraced:
-            inside = [bn for bn in bns if bn.startswith(prefix)]
+            inside = [norm for norm in norms if norm.startswith(prefix)]
             if conv.startswith(prefix) and inside:
-                found.setdefault(conv, set()).update(inside)
+                found.setdefault(conv, (set(), 0))[0].update(inside)
 
 
-def _direct_pairs_by_forward(model: nn.Module, example_input: torch.Tensor | None) -> dict[str, set[str]]:
-    """Pairs (conv -> BNs) where a BN's input *is* a conv's output tensor in one real forward."""
+def _direct_pairs_by_forward(model: nn.Module, rule: _Rule, example_input: torch.Tensor | None) -> dict[str, set[str]]:
+    """Pairs (conv -> norms) where a norm's input *is* a conv's output tensor in one real forward."""
     if example_input is None:
         input_size = getattr(model, "pretrained_cfg", {}).get("input_size")
         if input_size is None:
@@ -282,7 +437,7 @@ def _direct_pairs_by_forward(model: nn.Module, example_input: torch.Tensor | Non
     for name, module in model.named_modules():
         if is_conv(module):
             handles.append(module.register_forward_hook(conv_hook(name)))
-        elif is_batchnorm(module):
+        elif rule.is_norm(module):
             handles.append(module.register_forward_pre_hook(bn_hook(name)))
     modes = [(module, module.training) for module in model.modules()]
     try:

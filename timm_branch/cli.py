@@ -107,9 +107,11 @@ def _train(args: argparse.Namespace) -> int:
         saved = args.resume / "config.yaml"
         if not saved.is_file():
             raise SystemExit(f"timm-branch: {saved} not found: --resume needs a run folder made by timm-branch train")
-        config = TrainConfig.from_yaml(saved)
         if overrides:
             raise SystemExit(f"timm-branch: --resume continues with the saved configuration; drop {', '.join(sorted(overrides))}")
+        # The run lives where the user names it now: a moved or copied folder trains in place,
+        # whatever output path (perhaps relative to another directory) its config.yaml recorded.
+        config = dataclasses.replace(TrainConfig.from_yaml(saved), output=str(args.resume))
     else:
         values = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
         config = TrainConfig.from_dict({**values, **overrides})

@@ -335,13 +335,18 @@ def push_task_folder(
     ``accuracy_curves.png`` when present), not ``trainer_state.safetensors`` or ``task.json``.
     ``run_dir`` defaults to the folder's parent when the folder is ``task-K`` inside a run folder;
     the card then reads its ``config.yaml`` and ``metrics.json`` (tasks ``0..K``). The folder is only
-    read. Returns the commit URL; raises like :func:`push_to_hub`.
+    read, and checked before any request (:func:`~timm_branch.export.verify_export`: digests,
+    architecture, finite values). Returns the commit URL; raises like :func:`push_to_hub`, and
+    ``FileNotFoundError`` / ``ValueError`` (:class:`~timm_branch._io.CorruptFileError`) for a damaged folder.
     """
+    from .export import verify_export
+
     folder = Path(task_dir)
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not an exported model folder: it needs {WEIGHTS_NAME} and {CONFIG_NAME}")
     if not _REPO_ID.match(repo_id or ""):
         raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    verify_export(folder)  # a damaged model is never published
     if run_dir is None and folder.name.startswith("task-") and any(
             (folder.parent / name).is_file() for name in ("config.yaml", "metrics.json")):
         run_dir = folder.parent

@@ -10,6 +10,9 @@ A run folder holds::
         task.json                                   the task's settings and the SHA-256 of every other file
     checkpoint.json        points at the newest mid-task checkpoint folder, with the SHA-256 of its files
     checkpoint-K-E/        state after epoch E of task K: modules.safetensors + optim.pt
+    run.json               the resolved configuration the run started with, which a resume must keep
+    pending_pushes.json    tasks whose push to the Hub failed, pushed again later (absent when none)
+    run.lock               while a process trains the run (see :mod:`timm_branch.train.lock`)
 
 ``task-K`` is assembled in a hidden temporary folder and renamed into place in one step, so a
 folder with that name is always complete. A checkpoint folder is complete before
@@ -28,22 +31,23 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 import torch
 from torch import nn
 
 from .._io import (CorruptFileError, atomic_write_json, fsync_path, read_json, read_safetensors, read_torch_state,
                    sha256_file, staging_folder, write_safetensors, write_torch_state)
-from ..export import load_exported, nonfinite_tensors
+from ..export import TASK_INFO, check_digests, load_exported, nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.safetensors"
-TASK_INFO = "task.json"
 POINTER = "checkpoint.json"
 MODULES = "modules.safetensors"
 OPTIMIZER = "optim.pt"
+RUN_RECORD = "run.json"
+PENDING_PUSHES = "pending_pushes.json"
 
 
 class NonFiniteStateError(ValueError):
@@ -74,9 +78,10 @@ def finished_tasks(run: Path) -> int:
 
 def remove_leftovers(run: Path) -> None:
     """Remove what a killed run left half-written: hidden ``.task-K.*`` and ``.checkpoint-K-E.*``
-    staging folders and ``.*.tmp`` files. Finished tasks and checkpoints are left alone."""
+    staging folders (and the ``..task-K.*`` ones an export stages beside them) and ``.*.tmp``
+    files. Finished tasks and checkpoints are left alone."""
     for entry in run.glob(".*"):
-        if entry.is_dir() and entry.name.startswith((".task-", ".checkpoint-")):
+        if entry.is_dir() and entry.name.lstrip(".").startswith(("task-", "checkpoint-")):
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.is_file() and entry.name.endswith(".tmp"):
             entry.unlink(missing_ok=True)
@@ -118,15 +123,7 @@ def _verify(folder: Path, info: dict, record: Path, advice: str) -> None:
     if "files" not in info:
         log.warning("%s records no file digests (written by an older timm-branch): the files it names are parsed "
                     "and checked against the model, not against digests", record)
-    for name, digest in info.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing, but {record} lists it; {advice}")
-        if sha256_file(path) != digest:
-            raise CorruptFileError(
-                f"{path} is not the file that was written (its SHA-256 differs from the one in {record}): "
-                f"it is damaged or was changed; {advice}"
-            )
+    check_digests(folder, info.get("files", {}), record, advice)
 
 
 def write_task(run: Path, task: int, write_export, trainer_tensors: dict[str, torch.Tensor], info: dict) -> Path:
@@ -206,3 +203,52 @@ def clear_checkpoints(run: Path) -> None:
     (run / POINTER).unlink(missing_ok=True)
     for old in run.glob("checkpoint-*-*"):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def record_run(run: Path, config: dict) -> None:
+    """Record ``config`` (the resolved configuration, as plain values) as the one the run started with."""
+    atomic_write_json(run / RUN_RECORD, {"config": config})
+
+
+def check_unchanged(run: Path, config: dict, may_change: Collection[str]) -> None:
+    """Refuse to resume ``run`` with a ``config`` that differs from the recorded one in a field
+    outside ``may_change`` (a field whose change would not match the finished work); fields the
+    record lacks (added by a later timm-branch) and runs without a record are not compared.
+
+    Raises:
+        ValueError: naming each changed field with its recorded and its new value.
+    """
+    path = run / RUN_RECORD
+    if not path.is_file():
+        return
+    recorded = read_json(path).get("config")
+    if not isinstance(recorded, dict):
+        raise CorruptFileError(f"{path} holds no 'config' mapping: it is damaged; restore it from a backup")
+    changed = [f"{name} from {recorded[name]!r} to {value!r}" for name, value in config.items()
+               if name in recorded and name not in may_change and recorded[name] != value]
+    if changed:
+        raise ValueError(
+            f"cannot resume {run}: its configuration changes {', '.join(changed)}, but its finished work was "
+            f"trained with the values in {path}. Restore them in {run / 'config.yaml'}, or train a new run "
+            "with --config and another --output")
+
+
+def read_pending_pushes(run: Path) -> list[int]:
+    """The tasks whose push to the Hub failed and is still to be made, oldest first."""
+    path = run / PENDING_PUSHES
+    if not path.is_file():
+        return []
+    tasks = read_json(path).get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, int) for t in tasks):
+        raise CorruptFileError(f"{path} holds no list of task numbers under 'tasks': it is damaged; delete it "
+                               "and push the tasks you need with timm-branch push RUN/task-K")
+    return tasks
+
+
+def write_pending_pushes(run: Path, tasks: list[int]) -> None:
+    """Record ``tasks`` as still to be pushed (none: the record is removed)."""
+    path = run / PENDING_PUSHES
+    if tasks:
+        atomic_write_json(path, {"tasks": sorted(tasks)})
+    else:
+        path.unlink(missing_ok=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,12 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 """Settings a ``preset`` gives the fields left unset (``None``); see docs/REPRODUCTION.md."""
 NORMALIZATION_CHOICES: tuple[str, ...] = ("imagenet", "cifar10", "cifar100", "data")
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "output", "device", "stream", "workers", "compile", "channels_last", "eval_batch_size", "push_to_hub", "push_when",
+    "nonfinite", "nonfinite_limit",
+)
+"""The fields a resume may change: where and how the same computation runs, and what happens
+around it. Any other change would not match the finished tasks, and a resume refuses it."""
 
 
 @dataclass
@@ -106,7 +114,9 @@ class TrainConfig:
         from ..ssl import METHODS
         from .optim import OPTIMIZERS
 
-        found = []
+        found = self._type_problems()
+        if found:  # the checks below compare values, which a wrong type would break
+            return found
         choices = [
             ("strategy", STRATEGIES), ("scenario", SCENARIOS), ("method", METHODS), ("shape", BRANCH_SHAPES),
             ("bn", BN_POLICIES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("push_when", PUSH_WHEN),
@@ -177,6 +187,12 @@ class TrainConfig:
                     "(inductor is PyTorch's default)"]
         return []
 
+    def _type_problems(self) -> list[str]:
+        """Each field whose value is not of its annotated type (e.g. ``epochs: "1"`` or ``1.5`` in YAML)."""
+        hints = typing.get_type_hints(type(self))
+        return [f"{f.name}={getattr(self, f.name)!r} is a {type(getattr(self, f.name)).__name__}, not {_type_name(hints[f.name])}"
+                for f in dataclasses.fields(self) if not _has_type(getattr(self, f.name), hints[f.name])]
+
     def _pretrained_folder_problems(self) -> list[str]:
         """A ``local-dir:`` start must be an exported folder (its files are checked when loaded)."""
         if not (self.pretrained or "").startswith("local-dir:"):
@@ -228,7 +244,10 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         """Read a YAML mapping of field names to values (see :meth:`from_dict`)."""
         text = Path(path).read_text(encoding="utf-8")
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:  # syntax errors, and tags such as !!python/object (never executed)
+            raise ValueError(f"{path} is not a plain YAML mapping: {' '.join(str(err).split())}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a configuration file must hold a mapping of keys to values")
         return cls.from_dict(values)
@@ -236,3 +255,27 @@ class TrainConfig:
     def to_yaml(self) -> str:
         """The configuration as YAML, fields in declaration order (what ``config.yaml`` holds)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _has_type(value: object, hint: object) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (``int``, ``float``, ``bool``, ``str``,
+    ``X | None``, ``list[str]``); an int fits ``float``, a bool fits only ``bool``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, typing.get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: object) -> str:
+    """``hint`` as a reader would write it: ``int``, ``str or None``, ``list of str``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+

@@ -50,16 +50,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..branch import iter_branches
+from ..card import read_run, render_model_card
 from ..data import NORMALIZATIONS, DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, default_workers, load_source
 from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
 from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
 from ..evaluate.report import CURVES_FILE
-from ..export import create_pretrained, save_pretrained
+from ..export import create_architecture, create_pretrained, save_pretrained
 from ..ssl import SSLMethod, build_distiller, build_method, cosine_momentum, ema_update
 from ..surgery import add_branches, branch_parameters, merge_branches, require_batchnorm
 from . import checkpoint as ckpt
 from . import distributed
-from .config import TrainConfig
+from .config import RESUME_MAY_CHANGE, TrainConfig
+from .lock import run_folder_lock
 from .optim import build_optimizer, build_scheduler
 from .tensorboard import TensorBoardLogger
 
@@ -169,7 +171,6 @@ class ContinualRun:
             flip_p=r.flip_p, jitter=r.jitter, jitter_p=r.jitter_p, gray_p=r.gray_p, mean=mean, std=std,
         ).to(self.device)
         self.eval_transform = EvalTransform(config.image_size, mean, std).to(self.device)
-
         # Recipes give the learning rate for batch 256; scale linearly, as solo-learn does.
         base_lr = config.lr if config.lr is not None else r.lr
         self.lr = base_lr * config.batch_size / 256 if config.lr is None else base_lr
@@ -204,7 +205,7 @@ class ContinualRun:
         strategy and a ``zero_init_last`` the model's constructor does not take."""
         with torch.device("meta"):  # the architecture only: no memory, no weights
             if self.config.strategy in ("branch", "cassle+branch"):
-                require_batchnorm(timm.create_model(self.config.pretrained or self.config.model, pretrained=False))
+                require_batchnorm(create_architecture(self.config.pretrained or self.config.model))
             if self.config.zero_init_last is not None and not self.config.pretrained:
                 try:
                     timm.create_model(self.config.model, pretrained=False, zero_init_last=self.config.zero_init_last)
@@ -499,18 +500,28 @@ class ContinualRun:
                 ema_update(online, target, m)
         return loss.detach()
 
-    def _finish_task(self, learner: Learner, task: int) -> None:
+    def _finish_task(self, learner: Learner, task: int, metrics: ContinualMetrics | None, started: float) -> dict | None:
+        """Merge, then on rank 0 evaluate, add the scores to ``metrics`` (in memory: ``metrics.json``
+        is saved after the folder) and write ``task-K`` with a card that reports them; returns the
+        scores (``None`` on the other ranks)."""
         for net in (learner.backbone, learner.momentum):
             if net is not None and next(iter_branches(net), None) is not None:
                 merge_branches(net)
         learner.backbone.eval()
         if not distributed.is_main_process():  # every rank merged; one writes
-            return
+            return None
+        scores = self._evaluate(learner.backbone, learner.probe) or {}
+        metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
         trainer_tensors = ckpt.module_tensors(learner.kept())
         info = {"task": task, "strategy": self.config.strategy, "method": self.config.method,
                 "branches": self._uses_branches(task), "cassle": self._uses_cassle(task)}
-        ckpt.write_task(self.run_dir, task, lambda folder: save_pretrained(learner.backbone, folder), trainer_tensors, info)
+        # The run's facts so far (config.yaml, the earlier tasks' task.json) and this task's.
+        facts = read_run(self.run_dir, upto_task=task - 1)
+        card = render_model_card(learner.backbone, run=dataclasses.replace(facts, metrics=metrics.to_dict(), tasks=[*facts.tasks, info]))
+        ckpt.write_task(self.run_dir, task, lambda folder: save_pretrained(learner.backbone, folder, model_card=card),
+                        trainer_tensors, info)
         ckpt.clear_checkpoints(self.run_dir)
+        return scores
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -560,26 +571,43 @@ class ContinualRun:
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> Path:
-        """Train every unfinished task; returns the folder of the last task's merged model."""
+        """Train every unfinished task; returns the folder of the last task's merged model.
+
+        Rank 0 holds the run folder exclusively meanwhile (:mod:`~timm_branch.train.lock`). A
+        resume first checks that the configuration keeps every field the finished work depends on
+        (:data:`~timm_branch.train.config.RESUME_MAY_CHANGE` lists the others), and the model
+        loads before anything is written.
+        """
+        if resume and not self.run_dir.is_dir():
+            raise FileNotFoundError(f"{self.run_dir} does not exist: there is no run to resume")
+        main = distributed.is_main_process()
+        with run_folder_lock(self.run_dir) if main else contextlib.nullcontext():
+            return self._run(resume, main)
+
+    def _run(self, resume: bool, main: bool) -> Path:
         done = ckpt.finished_tasks(self.run_dir)
         if (done or (self.run_dir / ckpt.POINTER).exists()) and not resume:
             raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --output")
-        main = distributed.is_main_process()
-        metrics = self._open_metrics(resume, done) if main else None
+        if resume:
+            ckpt.check_unchanged(self.run_dir, self.resolved_config().to_dict(), RESUME_MAY_CHANGE)
         learner = self._learner_after(done - 1) if done else self._initial_learner()
+        metrics = self._open_metrics(resume, done) if main else None
+        if main and resume:
+            self._push_pending()
         for task in range(done, len(self.scenario)):
             started = time.perf_counter()
             self._prepare_task(learner, task)
             with self._parallel(learner):
                 self._train_task(learner, task)
-            self._finish_task(learner, task)
+            scores = self._finish_task(learner, task, metrics, started)
             if main:
-                self._record_task(metrics, learner, task, started)
+                self._record_task(metrics, task, scores)
             # The next task reads checkpoint.json, which rank 0 has just removed: wait for its writes.
             distributed.barrier()
         self.tensorboard.close()
-        final = ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
-        return final
+        if main:
+            self._report_pending()
+        return ckpt.task_dir(self.run_dir, len(self.scenario) - 1)
 
     def _open_metrics(self, resume: bool, done: int) -> ContinualMetrics:
         """The run folder and ``config.yaml``, and the metrics with a row for each of the ``done``
@@ -588,7 +616,10 @@ class ContinualRun:
         ckpt.remove_leftovers(self.run_dir)
         from .._io import atomic_write_text
 
-        atomic_write_text(self.run_dir / "config.yaml", self.resolved_config().to_yaml())
+        resolved = self.resolved_config()
+        atomic_write_text(self.run_dir / "config.yaml", resolved.to_yaml())
+        if not resume or not (self.run_dir / ckpt.RUN_RECORD).is_file():
+            ckpt.record_run(self.run_dir, resolved.to_dict())
         metrics_path = self.run_dir / "metrics.json"
         if resume and metrics_path.exists():
             metrics = ContinualMetrics.load(metrics_path)
@@ -629,26 +660,48 @@ class ContinualRun:
             finally:
                 learner.encoder = learner.momentum_encoder = None
 
-    def _record_task(self, metrics: ContinualMetrics, learner: Learner, task: int, started: float) -> None:
-        """Rank 0, after ``task``: evaluate, save the metrics and plots, log, and push if asked."""
+    def _record_task(self, metrics: ContinualMetrics, task: int, scores: dict) -> None:
+        """Rank 0, after ``task`` and its folder: save the metrics and plots, log, and push if asked."""
         cfg = self.config
-        scores = self._evaluate(learner.backbone, learner.probe) or {}
-        metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
         metrics.save(self.run_dir)
         self._plot(metrics)
         self._log_task(task, scores)
         self.tensorboard.log_task(task, scores, metrics)
         if cfg.push_to_hub and (cfg.push_when == "task" or task == len(self.scenario) - 1):
-            self._push(task)
+            self._push_pending(task)
 
-    def _push(self, task: int) -> None:
-        from ..hub import push_task_folder
+    def _push_pending(self, task: int | None = None) -> None:
+        """Push the tasks whose earlier push failed, then ``task``, oldest first. A Hub failure does
+        not stop the run: that task and the later ones stay recorded in ``pending_pushes.json``
+        (pushing a later one first would leave the Hub on an older model once the retry succeeds)."""
+        from ..hub import HubPushError, push_task_folder
 
-        url = push_task_folder(
-            ckpt.task_dir(self.run_dir, task), self.config.push_to_hub, run_dir=self.run_dir,
-            commit_message=f"timm-branch: task {task} ({self.config.strategy}, {self.config.method})",
-        )
-        log.info("task %d pushed: %s", task, url)
+        todo = sorted(set(ckpt.read_pending_pushes(self.run_dir)) | ({task} if task is not None else set()))
+        if not todo or not self.config.push_to_hub:
+            return
+        for i, pending in enumerate(todo):
+            try:
+                url = push_task_folder(
+                    ckpt.task_dir(self.run_dir, pending), self.config.push_to_hub, run_dir=self.run_dir,
+                    commit_message=f"timm-branch: task {pending} ({self.config.strategy}, {self.config.method})",
+                )
+            except HubPushError as err:
+                ckpt.write_pending_pushes(self.run_dir, todo[i:])
+                log.warning("task %d was not pushed (%s); training goes on, and the push is tried again after "
+                            "the next task and on --resume", pending, err)
+                return
+            log.info("task %d pushed: %s", pending, url)
+        ckpt.write_pending_pushes(self.run_dir, [])
+
+    def _report_pending(self) -> None:
+        """Warn, at the end of the run, about every finished task that is still not on the Hub."""
+        pending = ckpt.read_pending_pushes(self.run_dir)
+        if pending:
+            log.warning(
+                "tasks %s are not on the Hub (listed in %s): resume with --resume %s to push them again, or push "
+                "one with timm-branch push %s --repo-id %s", ", ".join(map(str, pending)),
+                self.run_dir / ckpt.PENDING_PUSHES, self.run_dir, ckpt.task_dir(self.run_dir, pending[-1]),
+                self.config.push_to_hub or "ORG/NAME")
 
     def resolved_config(self) -> TrainConfig:
         """The configuration with every recipe default filled in (what ``config.yaml`` records)."""

@@ -14,13 +14,13 @@ from torch import nn
 from . import bn as bn_policy
 from .branch import attach_branch, check_shape, iter_branches, merge_branch
 from .history import BranchRecord, close_active, find_active, set_active
-from .pairs import find_conv_bn_pairs
+from .pairs import DEFAULT_NORMS, DEFAULT_THROUGH, check_norms_through, find_conv_norm_pairs, norm_kind
 
 Selector = str | Sequence[str] | None
 
 
 class NoBatchNormError(ValueError):
-    """The model has no BatchNorm layer, so Branch-tuning does not apply to it."""
+    """The model has no BatchNorm layer (or none of the ``norms`` kinds asked for), so there is nothing to branch."""
 
 
 def add_branches(
@@ -31,15 +31,18 @@ def add_branches(
     exclude: Selector = None,
     train_unpaired: bool = False,
     example_input: torch.Tensor | None = None,
+    norms: Sequence[str] = DEFAULT_NORMS,
+    through: Sequence[str] = DEFAULT_THROUGH,
 ) -> nn.Module:
-    """Give every conv that feeds a BatchNorm a zero-initialised, trainable weight-space branch.
+    """Give every conv that feeds a BatchNorm (or a norm layer in ``norms``) a zero-initialised,
+    trainable weight-space branch.
 
     Args:
         model: a timm CNN (or any module) with BatchNorm layers; changed in place.
         shape: ``"1x1"``, ``"cross"`` or ``"full"``: which kernel taps the branches train
             (see :mod:`timm_branch.branch`).
-        bn: BatchNorm policy for every BatchNorm layer, ``"frozen"``, ``"affine"`` or ``"train"``
-            (see :mod:`timm_branch.bn`).
+        bn: policy for every norm layer of the ``norms`` kinds, ``"frozen"``, ``"affine"`` or
+            ``"train"`` (see :mod:`timm_branch.bn`).
         include: convs to branch, among the paired ones: a regex matched against the whole module
             name, or a list of module names or name suffixes (``"conv1"`` matches ``layer1.0.conv1``).
             ``None``: all paired convs.
@@ -47,29 +50,38 @@ def add_branches(
         train_unpaired: leave ``requires_grad`` as it is on parameters outside the branched convs
             and BatchNorms (classifier head, SE convs, convs without BN). By default they are frozen.
         example_input: a batch for the pairing fallback, used only if tracing fails.
+        norms: which norm layers a conv may feed: ``"batch"`` (the paper's), ``"layer"``, ``"group"``
+            (this project's extension; see :mod:`timm_branch.pairs`).
+        through: what may stand between conv and norm: ``"shape"`` (shape-only linear ops),
+            ``"act"`` (elementwise activations), ``"conv"`` (a following conv: separable chains).
 
     Returns:
         ``model``, whose branched convs keep their weights frozen and whose outputs are unchanged
         up to the rounding of ``W + 0`` (which is exact).
 
     Raises:
-        ValueError: unknown ``shape``/``bn``, the model already has branches, or no conv is selected.
-        NoBatchNormError: the model has no BatchNorm layer.
+        ValueError: unknown ``shape``/``bn``/``norms``/``through``, the model already has branches,
+            or no conv is selected.
+        NoBatchNormError: the model has no norm layer of the ``norms`` kinds.
     """
     check_shape(shape)
     bn_policy.check_policy(bn)
+    check_norms_through(norms, through)
+    for name, selector in (("include", include), ("exclude", exclude)):
+        _check_selector(name, selector)
     if next(iter_branches(model), None) is not None:
         raise ValueError("the model already has branches; call merge_branches(model) before adding new ones")
-    require_batchnorm(model)
-    pairs = find_conv_bn_pairs(model, example_input)
+    require_norms(model, norms)
+    pairs = find_conv_norm_pairs(model, example_input, norms, through)
     candidates = [pair.conv for pair in pairs]
     convs = [name for name in candidates if _selected(name, include, exclude)]
     if not convs:
         raise ValueError(
-            f"no conv selected: {len(candidates)} convs feed a BatchNorm, but include={include!r} / "
+            f"no conv selected: {len(candidates)} convs feed a norm layer, but include={include!r} / "
             f"exclude={exclude!r} leave none of them (e.g. {candidates[:3]})"
             if candidates
-            else "the model has BatchNorm layers but no convolution feeds one, so there is nothing to branch"
+            else f"the model has norm layers of the kinds {list(norms)} but no convolution feeds one through "
+            f"{list(through)} ops, so there is nothing to branch; widen through= (shape, act, conv)"
         )
 
     record = BranchRecord(
@@ -82,13 +94,13 @@ def add_branches(
         exclude=_json_ready(exclude),
     )
     branched = {id(p) for name in convs for p in model.get_submodule(name).parameters()}
-    norms = [m for m in model.modules() if bn_policy.is_batchnorm(m)]
-    norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    layers = [m for m in model.modules() if norm_kind(m) in norms]
+    norm_params = {id(p) for m in layers for p in m.parameters(recurse=False)}
     for param in model.parameters():
         if id(param) in branched or (id(param) not in norm_params and not train_unpaired):
             param.requires_grad_(False)
-    for norm in norms:
-        bn_policy.apply_policy(norm, bn)
+    for layer in layers:
+        bn_policy.apply_policy(layer, bn)
     for name in convs:
         attach_branch(model.get_submodule(name), shape)
     set_active(model, record)
@@ -116,12 +128,20 @@ def merge_branches(model: nn.Module) -> nn.Module:
             f"{len(bad)} branch(es) hold NaN or Inf values ({', '.join(bad[:5])}); refusing to merge. "
             "Reload the last good branch checkpoint with load_branch_state_dict(model, ...) and merge that."
         )
+    with torch.no_grad():  # finite branches can still overflow W + branch in half precision
+        overflow = [name for name, conv, _ in branches if not torch.isfinite(conv.weight).all()]
+    if overflow:
+        raise ValueError(
+            f"{len(overflow)} merged weight(s) would overflow to Inf in {branches[0][1].weight.dtype} "
+            f"({', '.join(overflow[:5])}); refusing to merge. Merge in float32 (model.float()) or train with a lower lr."
+        )
     # add_branches may have been called on submodules (a backbone inside a wrapper): undo each.
     for owner, record in active:
         for _, conv, _ in list(iter_branches(owner)):
             merge_branch(conv)
         for module in owner.modules():
-            if bn_policy.is_batchnorm(module):
+            # BatchNorms always (as before); LayerNorm/GroupNorm only if a policy pinned them.
+            if bn_policy.is_batchnorm(module) or (norm_kind(module) is not None and bn_policy.is_pinned(module)):
                 bn_policy.release(module, owner.training)
         for name, param in owner.named_parameters():
             param.requires_grad_(record.requires_grad.get(name, param.requires_grad))
@@ -195,11 +215,40 @@ def require_batchnorm(model: nn.Module) -> None:
     norms = sorted({type(m).__name__ for m in model.modules() if "norm" in type(m).__name__.lower()})
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     uses = f"it normalises with {', '.join(norms)}" if norms else "it uses no normalisation layer (normaliser-free)"
+    kinds = sorted({kind for m in model.modules() if (kind := norm_kind(m)) is not None})
+    widen = f", or branch against its {' and '.join(kinds)} norms with norms={['batch', *kinds]}" if kinds else ""
     raise NoBatchNormError(
         f"{name} has no BatchNorm layer ({uses}). Branch-tuning keeps frozen BatchNorm layers to hold what "
-        "the model knows while conv branches learn, so it does not apply here; fine-tune this model, or "
-        "choose a BatchNorm CNN (resnet*, efficientnet*, regnet*, mobilenetv3*, densenet*, ...)."
+        "the model knows while conv branches learn, so it does not apply here; fine-tune this model, "
+        f"choose a BatchNorm CNN (resnet*, efficientnet*, regnet*, mobilenetv3*, densenet*, ...){widen}."
     )
+
+
+def require_norms(model: nn.Module, norms: Sequence[str]) -> None:
+    """Raise :class:`NoBatchNormError` if ``model`` has no norm layer of the ``norms`` kinds."""
+    if any(norm_kind(m) in norms for m in model.modules()):
+        return
+    if tuple(norms) == ("batch",):
+        require_batchnorm(model)
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    found = sorted({kind for m in model.modules() if (kind := norm_kind(m)) is not None})
+    has = f"its norm layers are of the kinds {found}: add them to norms" if found else "it has none of them"
+    raise NoBatchNormError(
+        f"{name} has no norm layer of the kinds norms={list(norms)} ({has}), so there is nothing to branch"
+    )
+
+
+def _check_selector(name: str, selector: Selector) -> None:
+    """Raise ``ValueError`` for an ``include``/``exclude`` that is neither a valid regex nor a list of names."""
+    if selector is None:
+        return
+    if isinstance(selector, str):
+        try:
+            re.compile(selector)
+        except re.error as err:
+            raise ValueError(f"{name}={selector!r} is not a valid regular expression ({err})") from None
+    elif isinstance(selector, bytes) or not isinstance(selector, Sequence) or not all(isinstance(k, str) for k in selector):
+        raise ValueError(f"{name}={selector!r} must be a regular expression (str) or a list of module names (str)")
 
 
 def _selected(name: str, include: Selector, exclude: Selector) -> bool:

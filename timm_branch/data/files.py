@@ -45,7 +45,7 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
             left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
             img = img.crop((left, top, left + image_size, top + image_size))
             return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 

@@ -21,6 +21,7 @@ matches), so that sources loaded with one ``image_size`` can be concatenated.
 """
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 from .files import ImageFiles
 from .resize import resize_center_crop
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 """File name endings (case-insensitive) that :func:`load_folder` treats as images."""
@@ -261,12 +264,32 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _images_below(folder: Path) -> list[Path]:
-    """Image files in ``folder`` and its sub-folders, sorted, hidden entries skipped."""
-    found = []
+def _images_below(folder: Path, seen: set[str]) -> list[Path]:
+    """Image files in ``folder`` and its sub-folders, sorted, hidden entries skipped.
+
+    Links are followed, but a linked folder that leads back to ``folder`` or above it, or to a
+    folder walked already, is skipped with a warning (a link loop would walk forever or take in
+    other classes' images), and a file whose real path is in ``seen`` (the real paths of the
+    files found so far, updated here) is counted once only.
+    """
+    found, walked = [], set()
+    top = Path(os.path.realpath(folder))
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(dirpath) / f))
+        walked.add(os.path.realpath(dirpath))
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = Path(os.path.realpath(Path(dirpath) / name))
+            if str(real) in walked or real == top or real in top.parents:
+                log.warning("%s links back to %s: skipped, its images are counted once", Path(dirpath) / name, real)
+            else:
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            real = os.path.realpath(path)
+            if _is_image(path) and real not in seen:
+                seen.add(real)
+                found.append(path)
     return found
 
 
@@ -285,7 +308,8 @@ def _read_split_folder(folder: Path, image_size: int, classes: list[str] | None,
             "use either one sub-folder per class or a flat folder of images"
         )
     if subdirs:
-        found = {d.name: _images_below(d) for d in subdirs}
+        seen: set[str] = set()
+        found = {d.name: _images_below(d, seen) for d in subdirs}
         if classes is None:
             classes = sorted(name for name, files in found.items() if files)
         unknown = sorted(name for name, files in found.items() if files and name not in classes)

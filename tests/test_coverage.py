@@ -3,7 +3,8 @@
 Every model runs in float64, in eval mode, with randomised BatchNorm statistics and affine
 parameters, on a batch of 2:
 
-1. ``find_conv_bn_pairs`` finds at least one pair;
+1. ``find_conv_norm_pairs`` finds at least one pair (with the defaults, or the ``WIDENED_MODELS``'
+   ``norms``/``through``);
 2. ``add_branches`` leaves the output unchanged (relative error <= 1e-12);
 3. after random small branches, ``merge_branches`` reproduces the branched output (<= 1e-10) and
    restores module classes, modes, state-dict keys/shapes/dtypes and ``requires_grad`` flags.
@@ -33,10 +34,11 @@ from timm_branch import (
     NoBatchNormError,
     add_branches,
     branch_parameters,
-    find_conv_bn_pairs,
+    find_conv_norm_pairs,
     merge_branches,
 )
 from timm_branch.bn import is_batchnorm
+from timm_branch.pairs import norm_kind
 from zoo import (
     DEFAULT_INPUT_SIZE,
     FALLBACK_MODELS,
@@ -47,6 +49,7 @@ from zoo import (
     NO_BATCHNORM_FAMILIES,
     NO_PAIR_FAMILIES,
     SPECIAL_MODELS,
+    WIDENED_MODELS,
 )
 
 ADD_TOL = 1e-12
@@ -68,7 +71,9 @@ def _create(name: str, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _round_trip(name: str, shape: str, **kwargs) -> None:
+def _round_trip(name: str, shape: str, pairing: dict | None = None, **kwargs) -> None:
+    """``pairing``: ``norms``/``through`` for find_conv_norm_pairs and add_branches (default: theirs)."""
+    pairing = pairing or {}
     gen = torch.Generator().manual_seed(0)
     model = randomise_batchnorm(_create(name, **kwargs).double().eval(), gen)
     x = torch.randn(2, 3, *INPUT_SIZES.get(name, DEFAULT_INPUT_SIZE), dtype=torch.float64, generator=gen)
@@ -77,9 +82,9 @@ def _round_trip(name: str, shape: str, **kwargs) -> None:
         original = model(x)
 
     with pairing_warnings(name in FALLBACK_MODELS, name):
-        pairs = find_conv_bn_pairs(model, example_input=x)
-        assert pairs, f"{name}: no conv -> BatchNorm pair found"
-        add_branches(model, shape=shape, example_input=x)
+        pairs = find_conv_norm_pairs(model, example_input=x, **pairing)
+        assert pairs, f"{name}: no conv -> norm pair found"
+        add_branches(model, shape=shape, example_input=x, **pairing)
     assert sum(1 for _ in branch_parameters(model)) == len(pairs)
     with torch.no_grad():
         branched = model(x)
@@ -91,6 +96,11 @@ def _round_trip(name: str, shape: str, **kwargs) -> None:
     assert torch.isfinite(perturbed).all(), f"{name}: non-finite output with perturbed branches"
     assert max_rel_err(perturbed, original) > 0, f"{name}: the branches do not change the output"
 
+    model.train()
+    for module in model.modules():  # the "frozen" policy, on every norm kind that was selected
+        if norm_kind(module) in pairing.get("norms", ("batch",)):
+            assert not module.training and not any(p.requires_grad for p in module.parameters(recurse=False))
+    model.eval()
     merge_branches(model)
     with torch.no_grad():
         merged = model(x)
@@ -121,6 +131,20 @@ def _sweep_cases():
 @pytest.mark.parametrize("name, shape", list(_sweep_cases()))
 def test_round_trip_sweep(name, shape):
     _round_trip(name, shape)
+
+
+def _widened_cases():
+    for case_id, (name, pairing, slow) in WIDENED_MODELS.items():
+        yield pytest.param(name, pairing, id=case_id, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("name, pairing", list(_widened_cases()))
+def test_round_trip_widened(name, pairing):
+    """LayerNorm/GroupNorm CNNs and separable chains, branched with wider norms/through."""
+    _round_trip(name, "cross", pairing)
+    with torch.device("meta"):
+        model = _create(name)
+    assert len(find_conv_norm_pairs(model)) < len(find_conv_norm_pairs(model, **pairing))
 
 
 @pytest.mark.parametrize("name", NO_BATCHNORM_EXAMPLES)

@@ -36,24 +36,27 @@ _LOAD_WITH_PLAIN_TIMM = textwrap.dedent(
 )
 
 
-def _merged(name: str, **kwargs) -> torch.nn.Module:
+def _merged(name: str, pairing: dict | None = None, **kwargs) -> torch.nn.Module:
     model = make_model(name, dtype=torch.float32, **kwargs)
-    tb.add_branches(model)
+    tb.add_branches(model, **(pairing or {}))
     perturb_branches(model, std=1e-2)
     tb.merge_branches(model)
     return model
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, how",
+    "name, kwargs, how, pairing",
     [
-        ("resnet18", {}, "local-dir"),
-        ("resnet18", {}, "overlay"),  # the overlay builds the architecture's default 1000-class head
-        ("tf_efficientnet_b0", {"num_classes": 10}, "local-dir"),
+        ("resnet18", {}, "local-dir", None),
+        ("resnet18", {}, "overlay", None),  # the overlay builds the architecture's default 1000-class head
+        ("tf_efficientnet_b0", {"num_classes": 10}, "local-dir", None),
+        ("convnext_atto", {}, "local-dir", {"norms": ("layer",)}),  # LayerNorm CNN, norms widened
+        pytest.param("convmixer_768_32", {}, "local-dir", None, marks=pytest.mark.slow),  # conv -> act -> BN
+        pytest.param("resnetv2_50x1_bit", {}, "local-dir", {"norms": ("group",)}, marks=pytest.mark.slow),
     ],
 )
-def test_plain_timm_loads_the_export_in_a_fresh_process(tmp_path, name, kwargs, how):
-    model = _merged(name, **kwargs)
+def test_plain_timm_loads_the_export_in_a_fresh_process(tmp_path, name, kwargs, how, pairing):
+    model = _merged(name, pairing, **kwargs)
     out = tmp_path / "export"
     tb.save_pretrained(model, out)
     x = torch.randn(2, 3, 64, 64)

@@ -184,3 +184,11 @@ FAST_MODELS: dict[str, tuple[str, dict]] = {
 
 # Models without BatchNorm that add_branches must refuse (hand-written, fast tier).
 NO_BATCHNORM_EXAMPLES: list[str] = ['convnext_atto', 'vit_tiny_patch16_224']
+
+# Models branched only with wider add_branches(norms=..., through=...) (hand-written): test id ->
+# (model, add_branches kwargs, slow tier?).
+WIDENED_MODELS: dict[str, tuple[str, dict, bool]] = {
+    'convnext_atto-layer': ('convnext_atto', {'norms': ('layer',)}, False),  # depthwise 7x7 -> channels-last LN
+    'fasternet_t0-conv': ('fasternet_t0', {'through': ('shape', 'act', 'conv')}, False),  # conv -> pointwise -> BN
+    'resnetv2_50x1_bit-group': ('resnetv2_50x1_bit', {'norms': ('group',)}, True),  # StdConv2d -> GroupNormAct (BiT)
+}

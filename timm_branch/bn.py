@@ -10,6 +10,12 @@ policies, applied per BatchNorm layer (any ``torch.nn.modules.batchnorm._BatchNo
   train mode it normalises with batch statistics and updates its running statistics (what the
   authors' code did).
 - ``"train"``: affine parameters trainable, the layer follows the model's mode.
+
+With ``add_branches(norms=("layer", "group", ...))`` the same policy applies to LayerNorm and
+GroupNorm layers (this project's extension; the paper studied BatchNorm). They have no running
+statistics, so only the affine parameters differ: frozen under ``"frozen"`` and ``"affine"``
+(``"frozen"`` also pins the layer in eval mode, which changes nothing in its output), trainable
+under ``"train"``.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ def test_one_seed_has_no_interval_and_bad_input_is_named():
 def _run(folder, finals: list[float], first_task: list[float]):
     """A two-task run's metrics.json: per-task linear/kNN accuracies after task 0 and task 1."""
     metrics = ContinualMetrics(num_tasks=2)
+    metrics.set_random_init(knn_top1=0.1, knn_per_task=[0.1, 0.1])
     metrics.add(0, knn_top1=first_task[0], linear_top1=first_task[0], knn_per_task=first_task, linear_per_task=first_task)
     metrics.add(1, knn_top1=sum(finals) / 2, linear_top1=sum(finals) / 2, knn_per_task=finals, linear_per_task=finals)
     folder.mkdir(parents=True)
@@ -51,6 +52,7 @@ def test_seed_summary_reads_run_folders(tmp_path):
     }
     figures = run_figures(runs["finetune"][0])
     assert figures["linear_final"] == pytest.approx(30.0) and figures["linear_forgetting"] == pytest.approx(10.0)
+    assert figures["task0_learned"] == pytest.approx(3.0)  # kNN 0.3 on task 0 after it, against 0.1 at random init
     summary = seed_summary(runs, [("branch", "finetune")])
     diff = summary["pairs"]["branch - finetune"]
     assert diff["linear_final"].mean == pytest.approx(5.5) and diff["linear_forgetting"].mean == pytest.approx(-11.0)

@@ -16,9 +16,11 @@ from typing import Mapping, Sequence
 
 from .metrics import ContinualMetrics
 
-FIGURES: tuple[str, ...] = ("knn_final", "linear_final", "knn_forgetting", "linear_forgetting")
-"""The per-run figures compared, all in percentage points: final all-class top-1 of the kNN and
-linear probes, and forgetting (Chaudhry et al.) of each probe's per-task accuracies."""
+FIGURES: tuple[str, ...] = ("knn_final", "linear_final", "knn_forgetting", "linear_forgetting", "task0_learned")
+"""The per-run figures compared: final all-class top-1 of the kNN and linear probes, and
+forgetting (Chaudhry et al.) of each probe's per-task accuracies, in percentage points; and
+``task0_learned``, the kNN top-1 on task 0's classes after task 0 as a multiple of a randomly
+initialised network's (did the representation learn anything worth keeping?)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ def run_figures(run_dir: str | os.PathLike) -> dict[str, float | None]:
         for key, name in (("final_top1", "final"), ("forgetting", "forgetting")):
             value = summary[key]
             out[f"{probe}_{name}"] = None if value is None else 100 * value
+    first = metrics.rows[0].per_task("knn") if metrics.rows else None
+    random = None if metrics.random_init is None else metrics.random_init.per_task("knn")
+    out["task0_learned"] = first[0] / random[0] if first and random and random[0] > 0 else None
     return out
 
 
@@ -107,7 +112,7 @@ def seed_summary(runs: Mapping[str, Mapping[int, str | os.PathLike]], pairs: Seq
 
 def seed_table(summary: dict) -> str:
     """:func:`seed_summary` as two Markdown tables: strategies (mean ± std) and paired differences
-    (mean ± std [95 % interval]), in percentage points."""
+    (mean ± std [95 % interval]); percentage points, ``task0_learned`` a ratio."""
     header = "| {} | " + " | ".join(FIGURES) + " |"
     rule = "|---|" + "---:|" * len(FIGURES)
     lines = [header.format("strategy (seeds)"), rule]

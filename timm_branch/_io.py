@@ -96,6 +96,9 @@ def staging_folder(target: Path, parent: Path | None = None) -> Iterator[Path]:
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent or target.parent))
+        # mkdtemp makes the folder 0700; renamed into place it must have the mode a mkdir would
+        # give it, or other users could not read a finished model.
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
     except OSError as err:
         raise write_error(target, err) from err

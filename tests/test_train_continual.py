@@ -41,6 +41,7 @@ def test_config_reports_every_problem_at_once():
     text = str(err.value)
     for needle in ("model='resnet1800' is not a timm model", "strategy='magic'", "shape='star'", "batch_size=1", "data is empty"):
         assert needle in text
+    assert "resnet18" in text.split("(close: ")[1].split(")")[0].split(", ")  # nearest by edit distance
 
 
 def test_config_yaml_round_trip_and_unknown_keys(tmp_path):
@@ -321,3 +322,24 @@ def test_online_linear_probe_trains_alongside_and_is_reported(tmp_path):
     trained = loss(state["probe.weight"], state["probe.bias"])
     assert trained < loss(untrained.weight.detach(), untrained.bias.detach())
     assert trained < math.log(10)  # the loss of a probe that predicts every class alike
+
+
+def test_task_folder_card_reports_the_run(tmp_path):
+    """task-K/README.md is the card of the run up to task K: no base model for a random-init run,
+    one row per task numbered as the folders, task K's own scores included."""
+    from timm_branch.card import parse_front_matter, render_folder_card
+    from timm_branch.evaluate import ContinualMetrics
+
+    final = ContinualRun(_config(tmp_path, strategy="branch"), progress=False).run()
+    card = (final / "README.md").read_text()
+    assert card == render_folder_card(final)  # what a push would upload
+    assert "base_model" not in parse_front_matter(card)
+    assert "- Source weights: random initialisation of `test_resnet`" in card
+    def rows(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| task")]
+
+    assert [row.split(" | ")[0] for row in rows(card)] == ["| 0", "| 1"]
+    knn = ContinualMetrics.load(final.parent).rows[1].knn_top1
+    assert rows(card)[1].endswith(f"| {100 * knn:.2f}% | – |")
+    first = rows((final.parent / "task-0" / "README.md").read_text())
+    assert len(first) == 1 and first[0].startswith("| 0 | none | trained |")

@@ -35,6 +35,21 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
 around it. Any other change would not match the finished tasks, and a resume refuses it."""
 
 
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def _closest(name: str, names: list[str], count: int = 5) -> list[str]:
+    """The ``count`` entries of ``names`` nearest to ``name`` by edit distance (ties: alphabetical)."""
+    return sorted(names, key=lambda n: (_edit_distance(name, n), n))[:count]
+
 @dataclass
 class TrainConfig:
     """Everything a run needs; the defaults are the README's offline run (digits, 5 tasks, SimCLR).
@@ -129,7 +144,7 @@ class TrainConfig:
             if not self.pretrained.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(self.pretrained):
                 found.append(f"pretrained={self.pretrained!r} is neither a timm model name nor an hf-hub:/local-dir: source")
         elif not timm.is_model(self.model):
-            close = timm.list_models(f"*{self.model.split('.')[0][:6]}*")[:5]
+            close = _closest(self.model.split(".")[0], timm.list_models())
             found.append(f"model={self.model!r} is not a timm model name" + (f" (close: {', '.join(close)})" if close else ""))
         for name, low in (("num_tasks", 1), ("epochs", 1), ("batch_size", 2), ("image_size", 8), ("eval_batch_size", 1),
                           ("knn_k", 1), ("nonfinite_limit", 1)):

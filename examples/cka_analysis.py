@@ -2,7 +2,7 @@
 
     python examples/cka_analysis.py runs/own-images                       # last task vs the one before
     python examples/cka_analysis.py runs/branch --task 1 --joint runs/joint --output cka/
-    python examples/cka_analysis.py RUN_DIR --smoke                        # 2 repeats: seconds
+    python examples/cka_analysis.py --smoke    # seconds: trains a tiny 2-task run first, 2 repeats
 
 The two checkpoints are ``RUN_DIR/task-{K-1}`` and ``RUN_DIR/task-K``, loaded with plain timm. As in
 the Branch-tuning paper (arXiv 2403.18266), linear CKA (1 = the same representation up to rotation
@@ -15,12 +15,13 @@ and scale) is computed at every conv, BatchNorm, activation and block output:
   vs the jointly trained one, on task K's images: how close each layer came to what training on
   all data at once learns.
 
-Writes ``cka.json`` and ``cka.png`` to ``--output`` and prints the mean CKA per layer type. The
+Writes ``cka.json`` and ``cka.png`` to ``--output`` (default ``RUN_DIR/cka``) and prints the mean CKA per layer type. The
 same analysis from the shell: ``timm-branch cka --run RUN_DIR --task K --stability ... --plasticity ...``.
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import timm
@@ -28,7 +29,7 @@ import torch
 
 from timm_branch.data import EvalTransform, build_scenario, load_source
 from timm_branch.evaluate.cka import plot_cka, save_results, stability_plasticity
-from timm_branch.train import TrainConfig
+from timm_branch.train import ContinualRun, TrainConfig
 
 
 def task_images(config: TrainConfig, tasks: range) -> torch.Tensor:
@@ -46,16 +47,31 @@ def checkpoint(run: Path, task: int) -> torch.nn.Module:
     return timm.create_model(f"local-dir:{run / f'task-{task}'}", pretrained=True)
 
 
+def smoke_run() -> Path:
+    """A 2-task Branch-tuning run of a random-init test_resnet on digits (16 px, 1 epoch), in a
+    temporary folder: something to analyse when no run is given."""
+    config = TrainConfig(model="test_resnet", image_size=16, batch_size=32, epochs=1, num_tasks=2, knn_k=5,
+                         linear_probe=False, strategy="branch", output=tempfile.mkdtemp(prefix="cka-smoke-") + "/run")
+    return ContinualRun(config, progress=False).run().parent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="a run folder of timm-branch train (or of examples/own_images.py)")
+    parser.add_argument("run", type=Path, nargs="?",
+                        help="a run folder of timm-branch train (or of examples/own_images.py); required unless --smoke")
     parser.add_argument("--task", type=int, help="K: compare task-K with task-(K-1) (default: the last task)")
     parser.add_argument("--joint", type=Path, help="a --strategy joint run over the same tasks: adds plasticity")
     parser.add_argument("--repeats", type=int, default=10, help="shuffled passes over the images (the paper: 10)")
-    parser.add_argument("--output", type=Path, default=Path("cka"))
-    parser.add_argument("--smoke", action="store_true", help="2 repeats")
+    parser.add_argument("--output", type=Path, help="folder for cka.json and cka.png (default: RUN/cka)")
+    parser.add_argument("--smoke", action="store_true", help="2 repeats; without a run folder, a tiny run trained first")
     args = parser.parse_args()
     repeats = 2 if args.smoke else args.repeats
+    if args.run is None:
+        if not args.smoke:
+            parser.error("give a run folder (or run --smoke, which trains a tiny one first)")
+        args.run = smoke_run()
+        print(f"smoke: analysing the tiny run {args.run}")
+    args.output = args.output or args.run / "cka"
 
     config = TrainConfig.from_yaml(args.run / "config.yaml")  # the resolved config, split seed included
     task = config.num_tasks - 1 if args.task is None else args.task

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def run_example(script: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
-    """Run ``examples/<script>`` with ``args``; assert it succeeds and return its stdout lines."""
+def run_example(script: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> list[str]:
+    """Run ``examples/<script>`` with ``args`` (in ``cwd``); assert it succeeds and return its stdout lines."""
     result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
-                            capture_output=True, text=True, env=env or ENV, timeout=900)
+                            capture_output=True, text=True, env=env or ENV, timeout=900, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout.strip().splitlines()
 
@@ -50,6 +50,18 @@ def test_quickstart_smoke(tmp_path):
     lines = run_example("quickstart.py", "--smoke", "--out", str(out))
     assert lines[-1] == f'timm.create_model("local-dir:{out}", pretrained=True)'
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "own_images.py", "hub_lineage.py", "cka_analysis.py"])
+def test_smoke_needs_no_other_argument(tmp_path, script):
+    """``python examples/X.py --smoke`` alone runs offline on data it makes itself; its temporary
+    folders go to TMPDIR, and only quickstart's documented ``out/`` lands in the current folder."""
+    scratch, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    lines = run_example(script, "--smoke", env={**ENV, "TMPDIR": str(scratch)}, cwd=cwd)
+    assert lines[-1].startswith(('timm.create_model("local-dir:', "wrote "))
+    assert [p.name for p in cwd.iterdir()] == (["out"] if script == "quickstart.py" else [])
 
 
 @pytest.fixture(scope="module")

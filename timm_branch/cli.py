@@ -61,7 +61,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
-        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": _HELP.get(field.name)}
+        # The default is shown, not set: an absent flag must stay absent so --config and --resume can tell.
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if isinstance(default, list):
+            default = " ".join(default)
+        shown = "" if default is None or "default:" in _HELP.get(field.name, "") else f" (default: {default})"
+        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": (_HELP.get(field.name) or field.name.replace("_", " ")) + shown}
         if hint in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif hint == list[str]:
@@ -72,9 +77,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="timm-branch", description="Continual self-supervised learning of timm CNNs with Branch-tuning.")
+    # allow_abbrev=False: --epoch must not silently mean --epochs.
+    parser = argparse.ArgumentParser(prog="timm-branch", description="Continual self-supervised learning of timm CNNs with Branch-tuning.",
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run continual SSL over a task sequence", description=TrainConfig.__doc__)
+    train = commands.add_parser("train", help="run continual SSL over a task sequence", description=TrainConfig.__doc__,
+                                allow_abbrev=False)
     train.add_argument("--config", type=Path, help="YAML file of configuration keys (flags override it)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -82,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import cka, report
 
     report.configure_parser(commands.add_parser(
-        "report", help="compare run folders: accuracy plots and a Markdown table of the final figures",
+        "report", allow_abbrev=False, help="compare run folders: accuracy plots and a Markdown table of the final figures",
         description=report.__doc__.splitlines()[0]))
     cka.configure_parser(commands.add_parser(
-        "cka", help="layer-wise CKA between models: stability and plasticity curves",
+        "cka", allow_abbrev=False, help="layer-wise CKA between models: stability and plasticity curves",
         description=cka.__doc__.splitlines()[0]))
-    push = commands.add_parser("push", help="push a finished task folder (RUN/task-K) to the Hugging Face Hub")
+    push = commands.add_parser("push", allow_abbrev=False, help="push a finished task folder (RUN/task-K) to the Hugging Face Hub")
     push.add_argument("task_dir", type=Path, help="a task folder written by timm-branch train (RUN/task-K)")
     push.add_argument("--repo-id", required=True, help="org/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repository private")

@@ -304,6 +304,11 @@ def test_zoo_leaves_no_trace(name, feature_cls):
     if not any(is_batchnorm(m) for m in model.modules()):
         pytest.skip(f"{name} {kwargs} keeps no BatchNorm")
     x = torch.randn(2, 3, *INPUT_SIZES.get(name, DEFAULT_INPUT_SIZE), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as err:  # e.g. selecsls42 features-hook: timm's hook gets a list, not a tensor
+        pytest.skip(f"timm's {name} {kwargs} does not run: {type(err).__name__}: {err}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PairingFallbackWarning)  # which models fall back: test_coverage.py
         _check_no_trace(model, x)

@@ -172,3 +172,15 @@ def test_convmixer_pairs_through_its_activation_by_default():
     pairs = find_conv_norm_pairs(model)
     assert [p.conv for p in pairs] == convs and {p.path for p in pairs} == {"act"}
     assert find_conv_norm_pairs(model, through=("shape",)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, depthwise", [("nasnetalarge", 220), ("pnasnet5large", 168)])
+def test_nasnet_separable_chains_pair_with_through_conv(name, depthwise):
+    """Every depthwise conv of NASNet/PNASNet (depthwise -> pointwise -> BN) pairs only with through conv."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert len(convs) == depthwise and not convs & {p.conv for p in find_conv_norm_pairs(model)}
+    wide = {p.conv: p.path for p in find_conv_norm_pairs(model, through=("shape", "act", "conv"))}
+    assert {wide.get(conv) for conv in convs} == {"conv"}

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_branch import save_pretrained
-from timm_branch.data import NORMALIZATIONS, build_scenario, load_source
+from timm_branch.data import NORMALIZATIONS, EvalTransform, build_scenario, load_source
+from timm_branch.evaluate import extract_features, knn_predict, per_task_accuracy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,6 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     model.reset_classifier(0)
     save_pretrained(model.eval(), args.out)
     print(f"{len(classes)} classes, {len(images)} images, {time.perf_counter() - started:.0f} s -> {args.out}")
+    # The start as the continual run evaluates it: kNN (k 20, temperature 0.07) over all classes.
+    transform = EvalTransform(32)
+    train_f = extract_features(model, source.train.images, transform)
+    test_f = extract_features(model, source.test.images, transform)
+    scenario = build_scenario("class", source, args.num_tasks, 5)
+    predictions = knn_predict(train_f, source.train.labels, test_f, source.num_classes).argmax(1)
+    per_task = per_task_accuracy(predictions, source.test.labels, task_classes=[t.classes for t in scenario.tasks])
+    print("start kNN top-1 per task (%): " + ", ".join(f"{100 * a:.2f}" for a in per_task))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import tempfile
 import timm
 import torch
 
+from timm_branch.hub import HubPushError
 from timm_branch.train import ContinualRun, TrainConfig
 
 
@@ -66,7 +67,10 @@ def main() -> None:
     )
     if args.smoke:
         config = dataclasses.replace(config, epochs=1, image_size=16, batch_size=8, knn_k=5, linear_probe=False)
-    final = ContinualRun(config, progress=not args.smoke).run()
+    try:
+        final = ContinualRun(config, progress=not args.smoke).run()
+    except HubPushError as err:  # no token: before any training
+        raise SystemExit(f"hub_lineage.py: {err}") from None
     if args.repo_id is None:
         print(f"no --repo-id: nothing was pushed. The model card a push of {final} would upload:\n")
         print((final / "README.md").read_text())

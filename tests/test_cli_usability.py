@@ -23,3 +23,13 @@ def test_train_help_shows_the_defaults(capsys):
         assert shown in text
     # Shown only: an absent flag stays absent, so --config and --resume can tell what was given.
     assert not hasattr(cli.build_parser().parse_args(["train"]), "epochs")
+
+
+def test_push_without_a_token_fails_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # neither HF_TOKEN nor a login cache
+    run = tmp_path / "run"
+    code = cli.main(["train", "--model", "test_resnet", "--image-size", "16", "--num-tasks", "2", "--epochs", "1",
+                     "--push-to-hub", "org/name", "--output", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no Hugging Face token: set HF_TOKEN or log in with `hf auth login`" in err
+    assert not run.exists()  # nothing trained, nothing written

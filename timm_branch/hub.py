@@ -72,8 +72,8 @@ def resolve_token(token: str | None = None) -> str:
     found = get_token()
     if not found:
         raise HubPushError(
-            "no Hugging Face token: pass token=..., set HF_TOKEN, or log in with `hf auth login` "
-            "(the token needs write access)", repo_id="", step="finding a token")
+            "no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (the token needs write access; "
+            "from Python, token=... also works)", repo_id="", step="finding a token")
     return found
 
 

@@ -151,6 +151,10 @@ class ContinualRun:
         self.scenario: Scenario = build_scenario(config.scenario, source, None if config.scenario == "domain" else config.num_tasks, config.split_seed)
         self._check_data()
         self._check_model()
+        if config.push_to_hub and distributed.is_main_process():
+            from ..hub import resolve_token
+
+            resolve_token()  # no token: fail now, not after a task of training
         images = self.scenario.source.train.images
         # In memory: all of it on the device once. Streamed: decoded batch by batch (_streamed).
         self.images = images if isinstance(images, ImageFiles) else images.to(self.device)

@@ -42,12 +42,13 @@ def summary(coverage: str) -> str:
     unpaired = re.findall(r"^- \*\*([\w.]+)\*\*", body, re.M)  # BatchNorm, but no conv feeds one
     _, without_bn = _section(coverage, "## Families without BatchNorm")
     no_bn = re.findall(r"`([\w.]+)`", without_bn.strip().split("\n\n")[-1])
+    exceptions = f" (not to {', '.join(unpaired)})" if unpaired else ""
     lines = [
         START,
         f"Of the {counts.group(2)} timm model families, {counts.group(1)} have BatchNorm layers, and Branch-tuning "
-        f"applies to the **{len(rows)} families** in which a conv feeds a BatchNorm (not to "
-        f"{', '.join(unpaired) or '-'}). For one model of each, the table gives how many of its convs get a branch "
-        f"(the others feed an activation, an attention product, ... before any BatchNorm); *fallback*: part of "
+        f"applies to the **{len(rows)} families** in which a conv feeds a BatchNorm{exceptions}, by default through "
+        "shape-only ops and elementwise activations. For one model of each, the table gives how many of its convs "
+        f"get a branch (the others feed a gate, an attention product, ... before any BatchNorm); *fallback*: part of "
         f"the model is not FX-traceable and its convs were paired by the conservative rule. Details and "
         f"reasons: [docs/COVERAGE.md](docs/COVERAGE.md).",
         "",

@@ -61,12 +61,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
-        # The default is shown, not set: an absent flag must stay absent so --config and --resume can tell.
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if isinstance(default, list):
-            default = " ".join(default)
-        shown = "" if default is None or "default:" in _HELP.get(field.name, "") else f" (default: {default})"
-        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": (_HELP.get(field.name) or field.name.replace("_", " ")) + shown}
+        kwargs = {"dest": field.name, "default": argparse.SUPPRESS, "help": _HELP.get(field.name)}
         if hint in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif hint == list[str]:
@@ -76,13 +71,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=base, metavar=field.name.upper(), **kwargs)
 
 
+class _ConfigDefaultsFormatter(argparse.HelpFormatter):
+    """``train --help`` with every configuration flag's ``TrainConfig`` default. The flags' own
+    defaults are SUPPRESS, and must stay so: an absent flag stays absent, so that ``--config``
+    and ``--resume`` can tell which flags were given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        field = next((f for f in dataclasses.fields(TrainConfig) if f.name == action.dest), None)
+        if field is None or "default:" in text:
+            return text
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if default is None:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: --epoch must not silently mean --epochs.
     parser = argparse.ArgumentParser(prog="timm-branch", description="Continual self-supervised learning of timm CNNs with Branch-tuning.",
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="run continual SSL over a task sequence", description=TrainConfig.__doc__,
-                                allow_abbrev=False)
+                                allow_abbrev=False, formatter_class=_ConfigDefaultsFormatter)
     train.add_argument("--config", type=Path, help="YAML file of configuration keys (flags override it)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

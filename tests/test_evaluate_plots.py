@@ -101,3 +101,13 @@ def test_no_pyplot(tmp_path, monkeypatch):
     # The plots draw on Figure + FigureCanvasAgg, never through pyplot's global figure registry.
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # any "import matplotlib.pyplot" fails
     read_png(plot_accuracy_matrix(make_metrics(rows=1), tmp_path / "m.png"))
+
+
+def test_matrix_plot_of_a_run_without_per_task_scores_says_why(tmp_path):
+    unscored = ContinualMetrics(num_tasks=2)
+    with pytest.raises(ValueError, match="no task has finished yet"):
+        plot_accuracy_matrix(unscored, tmp_path / "m.png")
+    unscored.add(0)
+    unscored.add(1)
+    with pytest.raises(ValueError, match=r"2 of 2 tasks finished, but none was scored per task \(the data has no labelled"):
+        plot_accuracy_matrix(unscored, tmp_path / "m.png")

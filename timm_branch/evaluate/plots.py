@@ -145,8 +145,10 @@ def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, pro
     _check_probe(probe)
     used = _matrix_probe(metrics, probe)
     if used is None:
-        raise ValueError(f"the run has no {probe} accuracy matrix (nor a {_other(probe)} one): "
-                         f"{len(metrics.rows)} of {metrics.num_tasks} tasks evaluated, per-task accuracies missing")
+        why = ("no task has finished yet" if not metrics.rows else
+               f"{len(metrics.rows)} of {metrics.num_tasks} tasks finished, but none was scored per task "
+               "(the data has no labelled test split)")
+        raise ValueError(f"the run has no {probe} accuracy matrix (nor a {_other(probe)} one) to plot: {why}")
     A = metrics.accuracy_matrix(used)
     T, R = metrics.num_tasks, len(A)
     grid = [[100.0 * a for a in row] for row in A] + [[math.nan] * T for _ in range(T - R)]

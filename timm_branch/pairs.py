@@ -295,9 +295,9 @@ def _op_kind(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module], rule: 
     module = modules[user.target] if user.op == "call_module" else None
     if module is not None and rule.is_norm(module) and user.args[0] is node:
         return "norm"
-    if _is_pass_through(user, modules):
+    if _is_op(user, modules, _PASS_FUNCTIONS, _PASS_METHODS, _pass_modules()):
         return "shape"
-    if "act" in rule.through and _is_activation(user, modules):
+    if "act" in rule.through and _is_op(user, modules, _ACT_FUNCTIONS, _ACT_METHODS, _act_modules()):
         return "act"
     if "conv" in rule.through and module is not None and is_conv(module) and user.args[0] is node:
         return "conv"
@@ -338,13 +338,15 @@ def _pass_modules() -> tuple[type, ...]:
     )
 
 
-def _is_pass_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _is_op(node: fx.Node, modules: dict[str, nn.Module], functions: set, methods: set[str],
+           module_types: tuple[type, ...]) -> bool:
+    """Whether ``node`` calls one of ``functions``, ``methods`` or a module of ``module_types``."""
     if node.op == "call_function":
-        return node.target in _PASS_FUNCTIONS
+        return node.target in functions
     if node.op == "call_method":
-        return node.target in _PASS_METHODS
+        return node.target in methods
     if node.op == "call_module":
-        return isinstance(modules[node.target], _pass_modules())
+        return isinstance(modules[node.target], module_types)
     return False
 
 
@@ -362,16 +364,6 @@ def _act_modules() -> tuple[type, ...]:
         if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module.__name__
     )
     return torch_acts + timm_acts
-
-
-def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_function":
-        return node.target in _ACT_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _ACT_METHODS
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _act_modules())
-    return False
 
 
 def _is_shape_query(node: fx.Node) -> bool:

@@ -481,7 +481,7 @@ class ContinualRun:
                 images, labels = probe
                 learner.backbone.eval()
                 with torch.no_grad():
-                    probe_feats = features(learner.backbone, self.eval_transform(images))
+                    probe_feats = features(learner.backbone, self.eval_transform(images).to(views[0].dtype))
                 learner.backbone.train()
                 loss = loss + F.cross_entropy(learner.probe(probe_feats), labels)
         # Only "skip" looks at the loss before the update: that check waits for the GPU to finish the

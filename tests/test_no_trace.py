@@ -12,7 +12,8 @@ must be gone afterwards. For every model checked, after ``add_branches`` and aga
   documents: the branched convs, the BatchNorm policy while branched, the branch record/history.
 
 The checks below are written independently of :mod:`timm_branch._preserve`: reachability walks
-``gc.get_referents``. The slow tier sweeps the zoo (``tests/zoo.py``) and its features-only
+``gc.get_referents``. The slow tier sweeps every third zoo model (``tests/zoo.py``) and the sweep tier
+(``pytest -m sweep``, about 7 minutes on 2 cores) the other two thirds, with their features-only
 variants; the default tier runs the issue's reproduction and each features-only class on a tiny net.
 """
 from __future__ import annotations
@@ -287,10 +288,12 @@ def test_trainer_deep_copies_of_a_branched_features_only_model():
 
 def _sweep_cases():
     names = list(dict.fromkeys([*FAMILY_MODELS.values(), *SPECIAL_MODELS]))
-    for name in names:
+    for index, name in enumerate(names):
         for feature_cls in (None, *FEATURE_CLASSES):
             variant = "model" if feature_cls is None else f"features-{feature_cls}"
-            yield pytest.param(name, feature_cls, id=f"{name}-{variant}", marks=pytest.mark.slow)
+            # Every third zoo model in the slow tier (CI's budget), the others in the sweep tier.
+            tier = pytest.mark.slow if index % 3 == 0 or name == "xception41p" else pytest.mark.sweep
+            yield pytest.param(name, feature_cls, id=f"{name}-{variant}", marks=tier)
 
 
 @pytest.mark.parametrize("name, feature_cls", list(_sweep_cases()))

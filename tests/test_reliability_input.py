@@ -17,7 +17,6 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-import yaml
 from PIL import Image
 
 from _faults import tiny_config, tiny_images

@@ -33,3 +33,21 @@ def test_push_without_a_token_fails_before_training(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 2 and "no Hugging Face token: set HF_TOKEN or log in with `hf auth login`" in err
     assert not run.exists()  # nothing trained, nothing written
+
+
+def test_train_says_what_it_runs_before_anything_loads(tmp_path, monkeypatch, caplog):
+    """The first line, before the data and the model load (which takes a while)."""
+    class Loaded(Exception):
+        pass
+
+    def loading(self, config, progress=True):
+        raise Loaded
+
+    monkeypatch.setattr("timm_branch.train.continual.ContinualRun.__init__", loading)
+    caplog.set_level("INFO", logger="timm_branch.train")
+    with pytest.raises(Loaded):
+        cli.main(["train", "--model", "test_resnet", "--num-tasks", "3", "--epochs", "2", "--strategy", "cassle+branch",
+                  "--device", "cpu", "--output", str(tmp_path / "run"), "--no-progress"])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"training test_resnet from random init on digits: 3 class-incremental tasks x 2 epochs, strategy cassle+branch "
+        f"(cross branches, bn=frozen), simclr, cpu, -> {tmp_path / 'run'}"]

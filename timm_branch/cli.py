@@ -140,12 +140,23 @@ def _train(args: argparse.Namespace) -> int:
         main_rank = distributed.is_main_process()
         if not main_rank:
             logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs for all
+        # Loading the data and the model takes a while: say first what is about to run.
+        logging.getLogger("timm_branch.train").info("%s", _run_line(config.with_preset(), distributed.resolve_device(config.device)))
         run = ContinualRun(config, progress=not args.no_progress)
         final = run.run(resume=args.resume is not None)
     if main_rank:
         print(f"final model: {final}")
         print(f'timm.create_model("local-dir:{final}", pretrained=True)')
     return 0
+
+
+def _run_line(config: TrainConfig, device) -> str:
+    """One line saying what ``timm-branch train`` is about to run, printed before anything loads."""
+    tasks = len(config.data) if config.scenario == "domain" else config.num_tasks
+    start = f"from {config.pretrained}" if config.pretrained else f"{config.model} from random init"
+    branch = f" ({config.shape} branches, bn={config.bn})" if config.strategy in ("branch", "cassle+branch") else ""
+    return (f"training {start} on {', '.join(config.data)}: {tasks} {config.scenario}-incremental tasks x {config.epochs} "
+            f"epochs, strategy {config.strategy}{branch}, {config.method}, {device}, -> {config.output}")
 
 
 def main(argv: list[str] | None = None) -> int:

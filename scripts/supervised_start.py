@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     source = load_source(f"cifar100:{args.data}", 32)
-    task = build_scenario("class", source, args.num_tasks, 5).tasks[0]
+    scenario = build_scenario("class", source, args.num_tasks, 5)
+    task = scenario.tasks[0]
     images, labels = source.train.images[task.train], source.train.labels[task.train]
     classes = torch.tensor(sorted(task.classes))
     targets = torch.searchsorted(classes, labels)  # 0..C-1 within the task
@@ -76,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     transform = EvalTransform(32)
     train_f = extract_features(model, source.train.images, transform)
     test_f = extract_features(model, source.test.images, transform)
-    scenario = build_scenario("class", source, args.num_tasks, 5)
     predictions = knn_predict(train_f, source.train.labels, test_f, source.num_classes).argmax(1)
     per_task = per_task_accuracy(predictions, source.test.labels, task_classes=[t.classes for t in scenario.tasks])
     print("start kNN top-1 per task (%): " + ", ".join(f"{100 * a:.2f}" for a in per_task))

@@ -135,6 +135,8 @@ def _train(args: argparse.Namespace) -> int:
     else:
         values = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
         config = TrainConfig.from_dict({**values, **overrides})
+    # Checked before the first log line, which reads the fields: a bad value stops with its one message.
+    config = config.validate()
     # Under torchrun: one process per rank, joined here; otherwise a no-op.
     with distributed.process_group(distributed.resolve_device(config.device)):
         main_rank = distributed.is_main_process()

@@ -28,7 +28,8 @@ import timm
 import torch
 
 from timm_branch.data import EvalTransform, build_scenario, load_source
-from timm_branch.evaluate.cka import plot_cka, save_results, stability_plasticity
+from timm_branch.evaluate.cka_compare import save_results, stability_plasticity
+from timm_branch.evaluate.cka_plot import plot_cka
 from timm_branch.train import ContinualRun, TrainConfig
 
 

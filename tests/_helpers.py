@@ -33,6 +33,16 @@ def randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> nn.Module:
     return model
 
 
+def seeded_test_resnet(seed: int = 0) -> nn.Module:
+    """timm's ``test_resnet`` without a head, in eval mode, with weights and BatchNorms random from
+    ``seed`` (no zero-initialised, constant BN output)."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    return randomise_batchnorm(model, torch.Generator().manual_seed(seed)).eval()
+
+
 def perturb_branches(model: nn.Module, gen: torch.Generator, std: float = 1e-3) -> int:
     """Set every branch to N(0, std) values, as if trained; returns the number of branches."""
     count = 0

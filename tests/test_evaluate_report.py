@@ -1,7 +1,6 @@
-"""Run comparison (timm_branch.evaluate.report): labels, the Markdown table, plots, the command."""
+"""Run comparison (timm_branch.evaluate.report): labels, the Markdown table, plots."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -9,12 +8,10 @@ import pytest
 from timm_branch.evaluate import ContinualMetrics
 from timm_branch.evaluate.report import (
     CURVES_FILE,
-    configure_parser,
     load_runs,
     markdown_table,
     matrix_filename,
     report,
-    run_command,
     run_labels,
 )
 
@@ -157,26 +154,3 @@ def test_report_writes_the_plots(tmp_path, monkeypatch):
 
     assert imread(out / CURVES_FILE).shape[:2] == (504, 768)
     assert list(table_rows(table)) == ["finetune", "branch", "cassle+branch"]
-
-
-def test_report_command(tmp_path, capsys):
-    run = save_run(tmp_path / "run-a", make_metrics(strategy="branch"))
-    empty = save_run(tmp_path / "run-b", make_metrics(strategy="finetune", rows=0))  # nothing evaluated yet
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    args = parser.parse_args([str(run), str(empty), "--output", str(tmp_path / "plots"), "--probe", "knn"])
-    assert args.probe == "knn"
-    assert run_command(args) == 0
-    printed = capsys.readouterr().out
-    assert "| branch | 3/3 | 42.00 | 48.33 | 48.33 | +17.50 | -17.50 | +15.00 |" in printed
-    assert "| finetune | 0/3 | - | - | - | - | - | - |" in printed
-    assert str(tmp_path / "plots") in printed and "accuracy_matrix-branch.png" in printed
-    # The run without any evaluation has no matrix; the other plots are written.
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [CURVES_FILE, "accuracy_matrix-branch.png"]
-
-    args = parser.parse_args([str(tmp_path / "nowhere")])
-    assert args.output.name == "report" and args.probe == "linear"
-    assert run_command(args) == 2
-    assert "nowhere does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parser.parse_args([str(run), "--probe", "svm"])

@@ -1,6 +1,6 @@
 """Choosing layers of a timm model by name or type, and capturing their outputs with forward hooks.
 
-Used by the layer-wise CKA analysis (:mod:`timm_branch.evaluate.cka`), usable on its own.
+Used by the layer-wise CKA analysis (:mod:`timm_branch.evaluate.cka_compare`), usable on its own.
 
 **Layer types** (:func:`layer_type`, first match wins):
 

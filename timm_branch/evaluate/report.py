@@ -1,9 +1,9 @@
 """Compare continual runs: a Markdown table of the final figures and the PNG plots.
 
-``timm-branch report RUN_DIR [RUN_DIR ...]`` (wired in :mod:`timm_branch.cli` through
-:func:`configure_parser` and :func:`run_command`) reads each run folder's ``metrics.json``
-(written by ``timm-branch train`` after every task, so a run in progress can be reported too),
-prints the table and writes into the output folder (default ``./report``):
+:func:`report` (and ``timm-branch report RUN_DIR [RUN_DIR ...]``, :mod:`timm_branch.cli.report`)
+reads each run folder's ``metrics.json`` (written by ``timm-branch train`` after every task, so a
+run in progress can be reported too), makes the table and writes into the output folder (default
+``./report``):
 
 - ``accuracy_curves.png``: all-class top-1 after each task, one line per run;
 - ``accuracy_matrix-<label>.png``: one heatmap of ``A[i][j]`` per run.
@@ -15,13 +15,11 @@ and BN policy (for branch strategies only, where they apply) and the seed, e.g.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -30,12 +28,10 @@ from .metrics import METRICS_FILE, PROBES, ContinualMetrics
 __all__ = [
     "CURVES_FILE",
     "DEFAULT_OUTPUT",
-    "configure_parser",
     "load_runs",
     "markdown_table",
     "matrix_filename",
     "report",
-    "run_command",
     "run_labels",
     "write_plots",
 ]
@@ -214,38 +210,3 @@ def report(run_dirs: Iterable[str | os.PathLike], output_dir: str | os.PathLike 
     table = markdown_table(runs, probe)
     write_plots(runs, DEFAULT_OUTPUT if output_dir is None else output_dir, probe)
     return table
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``timm-branch report`` arguments to ``parser``."""
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders of timm-branch train (each holds metrics.json)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR", help=f"folder for the PNG plots (default: ./{DEFAULT_OUTPUT})")
-    parser.add_argument("--probe", choices=PROBES, default="linear", help="probe of the plots and of the summary columns (default: linear)")
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Print the table of ``args.runs``, write the plots into ``args.output``; 0 on success.
-
-    A missing or unreadable ``metrics.json`` prints an error naming the folder and returns 2.
-    """
-    try:
-        runs = load_runs(args.runs)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"timm-branch report: error: {error}", file=sys.stderr)
-        return 2
-    print(markdown_table(runs, args.probe))
-    for label, path in zip(runs, args.runs):
-        print(f"  {label}: {path}")
-    written = write_plots(runs, args.output, args.probe)
-    print()
-    if written:
-        print(f"plots ({args.probe} probe) written to {Path(args.output).resolve()}:")
-        for path in written:
-            print(f"  {path.name}")
-    else:
-        print("no plots written: no run has an evaluation yet")
-    return 0

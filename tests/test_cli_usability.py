@@ -51,3 +51,12 @@ def test_train_says_what_it_runs_before_anything_loads(tmp_path, monkeypatch, ca
     assert [r.getMessage() for r in caplog.records] == [
         f"training test_resnet from random init on digits: 3 class-incremental tasks x 2 epochs, strategy cassle+branch "
         f"(cross branches, bn=frozen), simclr, cpu, -> {tmp_path / 'run'}"]
+
+
+def test_norms_and_through_take_several_kinds(capsys):
+    args = cli.build_parser().parse_args(["train", "--norms", "batch", "layer", "--through", "shape", "act", "conv"])
+    assert (args.norms, args.through) == (["batch", "layer"], ["shape", "act", "conv"])
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: batch)" in text and "(default: shape act)" in text

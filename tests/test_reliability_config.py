@@ -38,6 +38,8 @@ PROBLEMS = [
     (dict(compile="turbo"), "compile='turbo' is not a torch.compile backend; choose one of"),
     (dict(workers=-1), "workers=-1 must not be negative"),
     (dict(scenario="domain"), "scenario='domain' needs two or more data sources"),
+    (dict(norms=["batch", "instance"]), "norms=['batch', 'instance'] ('instance' unknown): give a non-empty list of batch, layer, group"),
+    (dict(through=[]), "through=[]: give a non-empty list of shape, act, conv"),
 ]
 
 

@@ -49,6 +49,8 @@ def test_resume_trains_the_folder_it_is_named_wherever_it_lies(base, tmp_path, m
 @pytest.mark.parametrize("changes, named", [
     (dict(seed=1), ["seed from 0 to 1"]),
     (dict(num_tasks=3, epochs=3), ["num_tasks from 2 to 3", "epochs from 2 to 3"]),
+    (dict(norms=["batch", "layer"], through=["shape"]), ["norms from ['batch'] to ['batch', 'layer']",
+                                                          "through from ['shape', 'act'] to ['shape']"]),
 ])
 def test_resume_refuses_a_config_change_that_invalidates_the_finished_work(base, tmp_path, capsys, changes, named):  # noqa: F811
     run = _copy(base, tmp_path)

@@ -14,9 +14,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from _faults import tiny_config, tiny_images
 from timm_branch.bn import is_batchnorm
 from timm_branch.branch import tap_indices
-from timm_branch.pairs import find_conv_bn_pairs
+from timm_branch.pairs import find_conv_bn_pairs, find_conv_norm_pairs, is_conv, norm_kind
 from timm_branch.train import checkpoint as ckpt
 from timm_branch.train.config import TrainConfig
 from timm_branch.train.continual import ContinualRun
@@ -78,6 +79,19 @@ def test_branch_strategy_changes_only_branch_taps_and_keeps_bn(tmp_path):
     assert bn_keys and all(torch.equal(before[k], after[k]) for k in bn_keys)
 
 
+def test_norms_reach_add_branches_and_their_layers_stay_frozen(tmp_path):
+    """--norms layer: a LayerNorm CNN trains branches on the convs feeding LayerNorms, which stay fixed."""
+    config = tiny_config(tmp_path / "run", tiny_images(tmp_path / "images.npz"), model="test_convnext", image_size=32,
+                         epochs=1, norms=["layer"], through=["shape"])
+    run_dir = ContinualRun(config, progress=False).run().parent
+    before, after = _weights(run_dir, 0), _weights(run_dir, 1)
+    model = timm.create_model("test_convnext", num_classes=0)
+    paired = {p.conv for p in find_conv_norm_pairs(model, norms=("layer",), through=("shape",))}
+    assert paired and all(not torch.equal(before[f"{n}.weight"], after[f"{n}.weight"]) for n in paired)
+    unpaired = [n for n, m in model.named_modules() if n not in paired and (is_conv(m) or norm_kind(m) == "layer")]
+    assert unpaired and all(torch.equal(before[k], after[k]) for n in unpaired for k in before if k.startswith(n + "."))
+
+
 def test_finetune_strategy_moves_everything(tmp_path):
     run_dir = ContinualRun(_config(tmp_path, strategy="finetune"), progress=False).run().parent
     before, after = _weights(run_dir, 0), _weights(run_dir, 1)
@@ -88,8 +102,8 @@ def test_finetune_strategy_moves_everything(tmp_path):
 def test_joint_strategy_sees_the_union_of_tasks(tmp_path):
     run = ContinualRun(_config(tmp_path, strategy="joint", num_tasks=3))
     union = torch.cat([t.train for t in run.scenario.tasks[:2]])
-    assert torch.equal(run._task_indices(1), union)
-    assert torch.equal(ContinualRun(_config(tmp_path, strategy="branch", num_tasks=3))._task_indices(1), run.scenario.tasks[1].train)
+    assert torch.equal(run.task_indices(1), union)
+    assert torch.equal(ContinualRun(_config(tmp_path, strategy="branch", num_tasks=3)).task_indices(1), run.scenario.tasks[1].train)
 
 
 @pytest.mark.parametrize("method, strategy", [("byol", "cassle+branch"), ("moco", "cassle")])
@@ -318,7 +332,7 @@ def test_online_linear_probe_trains_alongside_and_is_reported(tmp_path):
     def loss(weight: torch.Tensor, bias: torch.Tensor) -> float:
         return F.cross_entropy(F.linear(feats, weight.double(), bias.double()), labels).item()
 
-    untrained = run._initial_learner().probe
+    untrained = run.new_learner().probe
     trained = loss(state["probe.weight"], state["probe.bias"])
     assert trained < loss(untrained.weight.detach(), untrained.bias.detach())
     assert trained < math.log(10)  # the loss of a probe that predicts every class alike

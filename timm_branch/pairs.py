@@ -86,7 +86,8 @@ def check_norms_through(norms: Sequence[str], through: Sequence[str]) -> None:
     for what, given, choices in (("norms", norms, NORM_KINDS), ("through", through, THROUGH_KINDS)):
         unknown = sorted(set(given) - set(choices))
         if unknown or not given or isinstance(given, str):
-            raise ValueError(f"{what}={given!r}: give a non-empty list of {', '.join(choices)} (unknown: {unknown})")
+            named = f" ({', '.join(map(repr, unknown))} unknown)" if unknown and not isinstance(given, str) else ""
+            raise ValueError(f"{what}={given!r}{named}: give a non-empty list of {', '.join(choices)}")
 
 
 def norm_kind(module: nn.Module) -> str | None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from ..pairs import DEFAULT_NORMS, DEFAULT_THROUGH, check_norms_through
+
 STRATEGIES: tuple[str, ...] = ("finetune", "branch", "cassle", "cassle+branch", "joint")
 SCENARIOS: tuple[str, ...] = ("class", "data", "domain")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -91,6 +93,12 @@ class TrainConfig:
     preset: str | None = None  # "library" (None) or "paper": the defaults of the fields below left unset
     shape: str | None = None  # preset: "cross" (library), "cross-pair" (paper)
     bn: str | None = None  # preset: "frozen" (library), "affine" (paper)
+    # Which norm layers a branched conv may feed, and what may stand between them (add_branches').
+    norms: list[str] = field(default_factory=lambda: list(DEFAULT_NORMS), metadata={
+        "metavar": "KIND", "help": "norm layers a branched conv may feed: batch (the paper's) | layer | group"})
+    through: list[str] = field(default_factory=lambda: list(DEFAULT_THROUGH), metadata={
+        "metavar": "KIND", "help": "what may stand between conv and norm: shape (shape-only ops) | act (activations) "
+                                   "| conv (a following conv: separable chains)"})
     epochs: int = 4
     batch_size: int = 64
     image_size: int = 32
@@ -163,6 +171,10 @@ class TrainConfig:
             found.append(f"knn_temperature={self.knn_temperature} must be positive")
         if self.workers is not None and self.workers < 0:
             found.append(f"workers={self.workers} must not be negative (0 decodes in the training process)")
+        try:
+            check_norms_through(self.norms, self.through)
+        except ValueError as err:
+            found.append(str(err))
         if self.distill_weight < 0:
             found.append(f"distill_weight={self.distill_weight} must not be negative")
         found += self._device_problems() + self._pretrained_folder_problems() + self._compile_problems()

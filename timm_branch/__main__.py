@@ -1,5 +1,2 @@
-import sys
-
-from .cli import main
-
-sys.exit(main())
+"""``python -m timm_branch``: the ``timm-branch`` command line (:mod:`timm_branch.cli`)."""
+from .cli import __main__  # noqa: F401  (importing it runs the command line and exits)

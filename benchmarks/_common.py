@@ -281,13 +281,13 @@ def add_task_one_options(p: argparse.ArgumentParser, strategies: Sequence[str]) 
 
 def task_one_learner(run, total_steps: int) -> tuple[object, torch.optim.Optimizer, object]:
     """``run``'s (a ``ContinualRun``) learner for task 1, prepared as the trainer prepares it
-    (``_initial_learner``, ``_prepare_task``: with a branch strategy, the first Branch-tuning task;
-    ``_start_epoch``), with the trainer's optimiser and a warmup-free schedule of ``total_steps``
-    steps (``_optimizer``). Returns ``(learner, optimizer, scheduler)``."""
-    learner = run._initial_learner()
-    run._prepare_task(learner, 1)
-    run._start_epoch(learner, 0)
-    optimizer, scheduler = run._optimizer(learner, total_steps, 0)
+    (``new_learner``, ``prepare_task``: with a branch strategy, the first Branch-tuning task;
+    ``start_epoch``), with the trainer's optimiser and a warmup-free schedule of ``total_steps``
+    steps (``make_optimizer``). Returns ``(learner, optimizer, scheduler)``."""
+    learner = run.new_learner()
+    run.prepare_task(learner, 1)
+    run.start_epoch(learner, 0)
+    optimizer, scheduler = run.make_optimizer(learner, total_steps, 0)
     return learner, optimizer, scheduler
 
 

@@ -2,14 +2,14 @@
 
 What runs is timm-branch's own trainer, :class:`timm_branch.train.ContinualRun`, not a copy of it:
 a run of ``TrainConfig(model, data, scenario="data", num_tasks=2, method, strategy, batch_size,
-image_size, precision, channels_last, device)``; its learner for task 1 (``_initial_learner``, then
-``_prepare_task``: with the default ``--strategy branch`` that is the first Branch-tuning task,
+image_size, precision, channels_last, device)``; its learner for task 1 (``new_learner``, then
+``prepare_task``: with the default ``--strategy branch`` that is the first Branch-tuning task,
 whose backbone (and BYOL's momentum copy) ``add_branches`` has branched, ``shape="cross"``,
 ``bn="frozen"``); the method recipe's optimiser and warmup-cosine schedule (``build_optimizer`` /
 ``build_scheduler`` on ``_trainable(learner)``, as ``_train_task`` builds them); networks in train
 mode. A fixed batch of ``--batch-size`` uint8 images of task 1 is on the device.
 
-Two variants, each one call of the trainer's step, ``ContinualRun._step``:
+Two variants, each one call of the trainer's step, ``ContinualRun.train_step``:
 
 - ``full``: augment two views of the uint8 batch on the device (the run's ``TwoViewAugment`` with
   the method's recipe, drawn from a device ``torch.Generator``), forward both views, SSL loss
@@ -101,7 +101,7 @@ def measure_method(args: argparse.Namespace, method: str, data: str, output: Pat
     total = 2 * (args.warmup + args.steps)  # both variants' steps: one schedule, one momentum ramp
     learner, optimizer, scheduler = common.task_one_learner(run, total)
 
-    batch = run.images[run._task_indices(1)[: args.batch_size].to(run.device)]
+    batch = run.images[run.task_indices(1)[: args.batch_size].to(run.device)]
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     augment = run.augment
     views = augment(batch, gen, rows=local_rows(len(batch)))
@@ -113,18 +113,18 @@ def measure_method(args: argparse.Namespace, method: str, data: str, output: Pat
         def step() -> None:
             # The trainer's step reads its augmentation from the run: the variants differ in it alone.
             run.augment = views_from
-            losses.append(run._step(learner, batch, None, gen, optimizer, scheduler, next(counter), total))
+            losses.append(run.train_step(learner, batch, None, gen, optimizer, scheduler, next(counter), total))
         return step
 
     steps = {"full": step_with(augment), "premade": step_with(premade)}
     sync = common.synchronizer(run.device)
-    with run._parallel(learner):
+    with run.task_encoders(learner):
         times = common.time_interleaved(steps, args.warmup, args.steps, sync)
         run.augment = augment
         back_to_back = back_to_back_seconds(steps["full"], args.steps, sync)
         syncs = host_syncs(steps["full"]) if run.device.type == "cuda" else None
     if not bool(torch.stack(losses).isfinite().all()):
-        # ContinualRun._step skips the update of a non-finite loss: such a step would be shorter.
+        # ContinualRun.train_step skips the update of a non-finite loss: such a step would be shorter.
         raise RuntimeError(f"{method}: a non-finite loss during timing; the step times would not be those of training steps")
     full, premade_t = common.median_iqr(times["full"]), common.median_iqr(times["premade"])
     return {"method": method, "full": full, "premade": premade_t, "share": 1 - premade_t[0] / full[0],

@@ -8,13 +8,13 @@ default ``--strategy branch`` the first Branch-tuning task). The pixels are the 
 (one decoder), so both train the same way; only where the images come from differs.
 
 A pass of a variant is task 1 as the trainer runs it: ``--epochs`` epochs of ``--steps`` steps,
-the batches from the run's ``_epochs`` (its seeded per-epoch orders; in memory: rows of the uint8
+the batches from the run's ``epoch_batches`` (its seeded per-epoch orders; in memory: rows of the uint8
 tensor on the device; streamed: batches decoded by ``--workers`` DataLoader processes that serve
 the whole task, running ahead across epoch ends, pinned and copied to the device while earlier
-steps run), each fed to ``ContinualRun._step`` (augmentation, forward, loss, backward, optimiser).
+steps run), each fed to ``ContinualRun.train_step`` (augmentation, forward, loss, backward, optimiser).
 It is timed from asking for the first batch (so the streamed pass pays its workers' start, once
 per task as in training) to the end of its last step (``torch.cuda.synchronize`` on CUDA), and
-reported per epoch. ``decode`` is the streamed run's ``_epochs`` alone, with no step: how many
+reported per epoch. ``decode`` is the streamed run's ``epoch_batches`` alone, with no step: how many
 images/s the workers decode and deliver.
 
 Variants alternate pass by pass, ``--rounds`` timed rounds after one untimed; reported: the
@@ -75,10 +75,10 @@ def task_seconds(run, learner, optimizer, scheduler, indices: torch.Tensor, step
     sync = common.synchronizer(run.device)
     sync()
     started = time.perf_counter()
-    for _, _, batches in run._epochs(indices, 1, 0, steps):
+    for _, _, batches in run.epoch_batches(indices, 1, 0, steps):
         for batch in batches:
             if train:
-                run._step(learner, batch, None, gen, optimizer, scheduler, counter[0], counter[1])
+                run.train_step(learner, batch, None, gen, optimizer, scheduler, counter[0], counter[1])
                 counter[0] += 1
     sync()
     return (time.perf_counter() - started) / run.config.epochs
@@ -100,7 +100,7 @@ def measure(args: argparse.Namespace, folder: str, output: Path) -> dict[str, li
         )
         runs[name] = ContinualRun(config, progress=False)
         learners[name] = common.task_one_learner(runs[name], total)
-    indices = runs["memory"]._task_indices(1).to(runs["memory"].device)
+    indices = runs["memory"].task_indices(1).to(runs["memory"].device)
     if len(indices) < args.steps * args.batch_size:
         raise SystemExit(f"task 1 has {len(indices)} images, fewer than --steps x --batch-size = {args.steps * args.batch_size}; "
                          "give more --images or fewer --steps")
@@ -108,7 +108,7 @@ def measure(args: argparse.Namespace, folder: str, output: Path) -> dict[str, li
     counters = {name: [0, total] for name in runs}  # (step, total steps) per learner
     with contextlib.ExitStack() as stack:
         for name, run in runs.items():  # the encoders the trainer's step runs (DDP-wrapped under torchrun)
-            stack.enter_context(run._parallel(learners[name][0]))
+            stack.enter_context(run.task_encoders(learners[name][0]))
         for r in range(rounds):
             one_round(args, runs, learners, counters, indices, times if r else None, reverse=r % 2 == 1)
     return times

@@ -85,7 +85,7 @@ def arm(point: str, n: int) -> None:
     if point == "none":
         return
     if point == "step":
-        _on_nth_call(continual.ContinualRun, "_step", n)
+        _on_nth_call(continual.ContinualRun, "train_step", n)
     elif point == "merge":
         _on_nth_call(continual, "merge_branches", n)
     elif point == "finished":

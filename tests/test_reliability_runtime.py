@@ -61,7 +61,7 @@ class Steps:
         self.count = 0
         self.nan_loss: set[int] = set()
         self.unchanged: list[bool] = []  # per NaN-loss step: were the parameters left as they were?
-        step, features = ContinualRun._step, continual.features
+        step, features = ContinualRun.train_step, continual.features
 
         def counted_step(run, learner, *args):
             self.count += 1
@@ -75,7 +75,7 @@ class Steps:
             out = features(backbone, batch)
             return out * float("nan") if self.count in self.nan_loss else out
 
-        monkeypatch.setattr(ContinualRun, "_step", counted_step)
+        monkeypatch.setattr(ContinualRun, "train_step", counted_step)
         monkeypatch.setattr(continual, "features", poisoned)
 
     @staticmethod
@@ -121,7 +121,7 @@ def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(images, tmp_path
 
 def test_nonfinite_weights_are_never_checkpointed(images, tmp_path, monkeypatch, one_thread):
     """A finite loss whose update made a weight NaN: the epoch's checkpoint is refused, the previous one stays."""
-    step = ContinualRun._step
+    step = ContinualRun.train_step
     count = 0
 
     def diverging_step(run, learner, *args):
@@ -133,7 +133,7 @@ def test_nonfinite_weights_are_never_checkpointed(images, tmp_path, monkeypatch,
                 learner.backbone.conv1[0].weight[0, 0, 0, 0] = float("inf")
         return loss
 
-    monkeypatch.setattr(ContinualRun, "_step", diverging_step)
+    monkeypatch.setattr(ContinualRun, "train_step", diverging_step)
     refused = r"task 0, epoch 2: 1 trained tensors hold NaN or Inf \(backbone.conv1.0.weight\)"
     with pytest.raises(ckpt.NonFiniteStateError, match=refused):
         ContinualRun(tiny_config(tmp_path / "run", images), progress=False).run()
@@ -198,7 +198,7 @@ def test_out_of_memory_names_the_batch_size(images, tmp_path, monkeypatch):
     def no_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(ContinualRun, "_step", no_memory)
+    monkeypatch.setattr(ContinualRun, "train_step", no_memory)
     with pytest.raises(torch.OutOfMemoryError, match=(
             r"task 0, epoch 1, step 1: out of memory training a batch of batch_size=16 .* Lower --batch-size \(e.g. 8\) "
             r"or use --precision bf16; the last checkpoint is intact. \[CUDA out of memory")):

@@ -102,8 +102,8 @@ def test_finetune_strategy_moves_everything(tmp_path):
 def test_joint_strategy_sees_the_union_of_tasks(tmp_path):
     run = ContinualRun(_config(tmp_path, strategy="joint", num_tasks=3))
     union = torch.cat([t.train for t in run.scenario.tasks[:2]])
-    assert torch.equal(run._task_indices(1), union)
-    assert torch.equal(ContinualRun(_config(tmp_path, strategy="branch", num_tasks=3))._task_indices(1), run.scenario.tasks[1].train)
+    assert torch.equal(run.task_indices(1), union)
+    assert torch.equal(ContinualRun(_config(tmp_path, strategy="branch", num_tasks=3)).task_indices(1), run.scenario.tasks[1].train)
 
 
 @pytest.mark.parametrize("method, strategy", [("byol", "cassle+branch"), ("moco", "cassle")])
@@ -332,7 +332,7 @@ def test_online_linear_probe_trains_alongside_and_is_reported(tmp_path):
     def loss(weight: torch.Tensor, bias: torch.Tensor) -> float:
         return F.cross_entropy(F.linear(feats, weight.double(), bias.double()), labels).item()
 
-    untrained = run._initial_learner().probe
+    untrained = run.new_learner().probe
     trained = loss(state["probe.weight"], state["probe.bias"])
     assert trained < loss(untrained.weight.detach(), untrained.bias.detach())
     assert trained < math.log(10)  # the loss of a probe that predicts every class alike

@@ -109,7 +109,7 @@ def _argv(config: TrainConfig) -> list[str]:
 
 
 def _recording(step, losses: list[float], crash_at_step: int | None = None):
-    """``step`` (``ContinualRun._step``, bound or not) appending every loss to ``losses``; raises
+    """``step`` (``ContinualRun.train_step``, bound or not) appending every loss to ``losses``; raises
     :class:`_Crash` when step number ``crash_at_step`` (from 0) begins."""
 
     def recording(*args):
@@ -132,7 +132,7 @@ def _run(config: TrainConfig) -> list[float]:
         run.augment = lambda *args, **kwargs: [v.double() for v in augment(*args, **kwargs)]  # float32 by design
         run._evaluate = lambda *args: None  # float32 features; the command-line case covers evaluation
         losses: list[float] = []
-        run._step = _recording(run._step, losses)
+        run.train_step = _recording(run.train_step, losses)
         run.run()
         return losses
     finally:
@@ -141,14 +141,14 @@ def _run(config: TrainConfig) -> list[float]:
 
 def _cli(argv: list[str], losses: list[float], crash_at_step: int | None = None) -> str:
     """``timm-branch argv`` in this process, recording its step losses; returns what it printed."""
-    original = ContinualRun._step
-    ContinualRun._step = _recording(original, losses, crash_at_step)
+    original = ContinualRun.train_step
+    ContinualRun.train_step = _recording(original, losses, crash_at_step)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
             assert cli.main(argv) == 0
     finally:
-        ContinualRun._step = original
+        ContinualRun.train_step = original
     return printed.getvalue()
 
 
@@ -282,7 +282,7 @@ def test_two_compiled_ranks_match_one_eager_process(data, tmp_path):
 def test_command_line_on_two_ranks_resumes_and_matches_one_process(two_ranks, data, tmp_path):
     run = ContinualRun(_config(data, tmp_path / "single", **CLI_CASE), progress=False)
     reference: list[float] = []
-    run._step = _recording(run._step, reference)
+    run.train_step = _recording(run.train_step, reference)
     run.run()
     saved = [json.loads((two_ranks / f"cli-{r}.json").read_text()) for r in range(WORLD)]
     _assert_same_losses([s["losses"] for s in saved], reference, TOL32)

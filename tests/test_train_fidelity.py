@@ -41,9 +41,9 @@ def test_bn_train_optimises_the_batchnorm_affine_parameters(tmp_path):
 
 def test_branch_optimiser_groups_batchnorm_without_decay_and_branches_with_their_own(tmp_path):
     run = _run(tmp_path, strategy="branch", bn="train", branch_weight_decay=0.0)
-    learner = run._initial_learner()
-    run._prepare_task(learner, 1)
-    optimizer, _ = run._optimizer(learner, total=4, warmup=1)
+    learner = run.new_learner()
+    run.prepare_task(learner, 1)
+    optimizer, _ = run.make_optimizer(learner, total=4, warmup=1)
     branch_group, kept = optimizer.param_groups[1], optimizer.param_groups[2]
     bn_params = {id(p) for m in learner.backbone.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
     assert bn_params <= {id(p) for p in kept["params"]} and kept["weight_decay"] == 0 and kept["lars_exclude"]
@@ -127,9 +127,9 @@ def test_online_probe_leaves_the_ssl_training_unchanged(tmp_path):
 
 def test_branch_lr_scale_gives_the_branches_their_own_scheduled_rate(tmp_path):
     run = _run(tmp_path, strategy="branch", branch_lr_scale=5.0)
-    learner = run._initial_learner()
-    run._prepare_task(learner, 1)
-    optimizer, scheduler = run._optimizer(learner, total=4, warmup=0)
+    learner = run.new_learner()
+    run.prepare_task(learner, 1)
+    optimizer, scheduler = run.make_optimizer(learner, total=4, warmup=0)
     branch_group = optimizer.param_groups[1]
     assert branch_group["lr"] == pytest.approx(5 * run.lr) and optimizer.param_groups[0]["lr"] == pytest.approx(run.lr)
     assert branch_group["weight_decay"] == optimizer.param_groups[0]["weight_decay"]  # decay as the kernels'

@@ -4,6 +4,6 @@
     final = ContinualRun(TrainConfig(method="byol", strategy="cassle+branch", output="runs/byol")).run()
 """
 from .config import TrainConfig
-from .continual import ContinualRun, NonFiniteLossError
+from .continual import ContinualRun, Learner, NonFiniteLossError
 
-__all__ = ["ContinualRun", "NonFiniteLossError", "TrainConfig"]
+__all__ = ["ContinualRun", "Learner", "NonFiniteLossError", "TrainConfig"]

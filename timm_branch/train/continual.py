@@ -90,7 +90,7 @@ class Learner:
     teacher_method: SSLMethod | None = None
     distiller: nn.Module | None = None
     probe: nn.Linear | None = None
-    encoder: nn.Module | None = None  # the backbone as a task's steps call it (see ContinualRun._parallel)
+    encoder: nn.Module | None = None  # the backbone as a task's steps call it (see ContinualRun.task_encoders)
     momentum_encoder: nn.Module | None = None  # the momentum network, likewise
 
     def trained(self) -> dict[str, nn.Module | None]:
@@ -132,6 +132,22 @@ def _seed(config: TrainConfig, task: int, epoch: int) -> int:
 
 class ContinualRun:
     """One continual SSL run in ``config.output``; :meth:`run` trains every unfinished task.
+
+    The pieces of one task's training are public for tools that drive the trainer's own step
+    (``benchmarks/``): :meth:`new_learner` and :meth:`prepare_task` give the networks of a task,
+    :meth:`make_optimizer` their optimiser and schedule, :meth:`task_encoders` the encoders the
+    step calls, :meth:`start_epoch` and :meth:`epoch_batches` one epoch, :meth:`train_step` one
+    step; :meth:`task_indices` the training images of a task::
+
+        learner = run.new_learner()
+        run.prepare_task(learner, task)
+        optimizer, scheduler = run.make_optimizer(learner, total_steps, warmup_steps)
+        with run.task_encoders(learner):
+            indices = run.task_indices(task).to(run.device)
+            for epoch, (_, gen, batches) in enumerate(run.epoch_batches(indices, task, 0, steps)):
+                run.start_epoch(learner, epoch)
+                for i, batch in enumerate(batches):
+                    loss = run.train_step(learner, batch, None, gen, optimizer, scheduler, epoch * steps + i, total_steps)
 
     Args:
         config: the run's configuration (validated here).
@@ -197,7 +213,7 @@ class ContinualRun:
 
     def _check_data(self) -> None:
         for task in self.scenario.tasks:
-            n = len(self._task_indices(task.index))
+            n = len(self.task_indices(task.index))
             if n < self.config.batch_size:
                 raise ValueError(
                     f"task {task.index} has {n} training images, fewer than batch_size={self.config.batch_size}; "
@@ -218,7 +234,9 @@ class ContinualRun:
                     raise ValueError(f"zero_init_last={self.config.zero_init_last} does not apply to {self.config.model}: "
                                      f"its constructor takes no zero_init_last ({err}); leave zero_init_last unset") from None
 
-    def _task_indices(self, task: int) -> torch.Tensor:
+    def task_indices(self, task: int) -> torch.Tensor:
+        """The indices ``(N,)`` (int64, on the CPU) into the training images of the images ``task``
+        trains on: its own, or with ``strategy="joint"`` those of tasks ``0..task``."""
         if self.config.strategy == "joint":
             return torch.cat([self.scenario.tasks[t].train for t in range(task + 1)])
         return self.scenario.tasks[task].train
@@ -241,7 +259,10 @@ class ContinualRun:
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.config.channels_last else module
 
-    def _initial_learner(self) -> Learner:
+    def new_learner(self) -> Learner:
+        """The networks as a run starts: the backbone (random or ``pretrained`` weights), the
+        method's heads, its momentum copy and the online probe where they apply, on the device.
+        Seeded from the configuration: every call returns the same weights."""
         backbone = self._new_backbone()
         torch.manual_seed(_seed(self.config, -1, -1))
         method = self._place(build_method(self.config.method, backbone.num_features))
@@ -253,7 +274,7 @@ class ContinualRun:
 
     def _learner_after(self, task: int) -> Learner:
         """The learner as it was when ``task`` finished, read back from ``task-K``."""
-        learner = self._initial_learner()
+        learner = self.new_learner()
         ckpt.load_task(self.run_dir, task, learner.backbone, learner.kept())
         return learner
 
@@ -263,7 +284,7 @@ class ContinualRun:
     def _uses_cassle(self, task: int) -> bool:
         return self.config.strategy in ("cassle", "cassle+branch") and (task > 0 or bool(self.config.pretrained))
 
-    def _prepare_task(self, learner: Learner, task: int) -> None:
+    def prepare_task(self, learner: Learner, task: int) -> None:
         """Teacher, distiller and branches for ``task``, identically on a fresh or a resumed run."""
         torch.manual_seed(_seed(self.config, task, -1))
         if self._uses_cassle(task):
@@ -298,7 +319,7 @@ class ContinualRun:
     # -- training ----------------------------------------------------------------------------------
 
     def _steps_per_epoch(self, task: int) -> int:
-        return len(self._task_indices(task)) // self.config.batch_size
+        return len(self.task_indices(task)) // self.config.batch_size
 
     def _epoch_order(self, indices: torch.Tensor, task: int, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
         """The epoch's device generator, seeded from ``(seed, task, epoch)``, and the order of
@@ -306,10 +327,12 @@ class ContinualRun:
         gen = torch.Generator(device=self.device).manual_seed(_seed(self.config, task, epoch))
         return indices[torch.randperm(len(indices), generator=gen, device=self.device)], gen
 
-    def _epochs(self, indices: torch.Tensor, task: int, start: int,
-                steps: int) -> Iterator[tuple[torch.Tensor, torch.Generator, Iterator[torch.Tensor]]]:
-        """Per epoch ``start..`` of ``task``: its order and generator (:meth:`_epoch_order`) and
-        its ``steps`` uint8 global batches on the device, consecutive slices of the order."""
+    def epoch_batches(self, indices: torch.Tensor, task: int, start: int,
+                      steps: int) -> Iterator[tuple[torch.Tensor, torch.Generator, Iterator[torch.Tensor]]]:
+        """Per epoch ``start..config.epochs - 1`` of ``task``: its order of ``indices`` (on the
+        device; :meth:`task_indices`) and its generator, seeded from ``(seed, task, epoch)``, and
+        its ``steps`` uint8 global batches ``(batch_size, C, H, W)`` on the device, consecutive
+        slices of the order. Pass the generator to :meth:`train_step`: its augmentations draw from it."""
         b = self.config.batch_size
         streamed = self._streamed(indices, task, start, steps) if isinstance(self.images, ImageFiles) else None
         for epoch in range(start, self.config.epochs):
@@ -346,7 +369,8 @@ class ContinualRun:
 
         return map(placed, local)
 
-    def _optimizer(self, learner: Learner, total: int, warmup: int) -> tuple[torch.optim.Optimizer, object]:
+    def make_optimizer(self, learner: Learner, total: int,
+                       warmup: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimiser of ``learner``'s trainable tensors (and the online probe's own group) and
         its warmup-cosine schedule over ``total`` steps, ``warmup`` of them warm-up."""
         cfg = self.config
@@ -358,7 +382,7 @@ class ContinualRun:
             optimizer.add_param_group(dict(params=list(learner.probe.parameters()), lr=ONLINE_PROBE_LR, weight_decay=0.0, lars_exclude=True))
         return optimizer, build_scheduler(optimizer, total, warmup)
 
-    def _start_epoch(self, learner: Learner, epoch: int) -> None:
+    def start_epoch(self, learner: Learner, epoch: int) -> None:
         """Every trained network in train mode, and the method told which epoch begins."""
         for net in (learner.backbone, learner.method, learner.momentum, learner.distiller, learner.probe):
             if net is not None:
@@ -369,7 +393,7 @@ class ContinualRun:
         cfg = self.config
         steps = self._steps_per_epoch(task)
         total = steps * cfg.epochs
-        optimizer, scheduler = self._optimizer(learner, total, steps * cfg.warmup_epochs)
+        optimizer, scheduler = self.make_optimizer(learner, total, steps * cfg.warmup_epochs)
         start = 0
         saved = ckpt.read_checkpoint(self.run_dir, task)
         if saved is not None:
@@ -379,11 +403,11 @@ class ContinualRun:
             scheduler.load_state_dict(optim_state["scheduler"])
             start = epoch + 1
             log.info("task %d: resuming after epoch %d", task, epoch)
-        indices = self._task_indices(task).to(self.device)
+        indices = self.task_indices(task).to(self.device)
         streak = 0  # non-finite steps in a row (nonfinite="skip")
-        for epoch, (order, gen, batches) in enumerate(self._epochs(indices, task, start, steps), start):
+        for epoch, (order, gen, batches) in enumerate(self.epoch_batches(indices, task, start, steps), start):
             torch.manual_seed(_seed(cfg, task, epoch))
-            self._start_epoch(learner, epoch)
+            self.start_epoch(learner, epoch)
             # The online probe's batches have a generator of their own: the SSL draws stay as without it.
             probe_gen = None if self.labels is None else torch.Generator(device=self.device).manual_seed(
                 _seed(cfg, task, epoch) ^ _PROBE_SALT)
@@ -394,8 +418,8 @@ class ContinualRun:
             for step, batch in zip(bar, batches):
                 probe = None if probe_gen is None else self._probe_batch(probe_gen)
                 try:
-                    pending.append(self._step(learner, batch, probe, gen, optimizer, scheduler,
-                                              epoch * steps + step, total))
+                    pending.append(self.train_step(learner, batch, probe, gen, optimizer, scheduler,
+                                                   epoch * steps + step, total))
                 except torch.OutOfMemoryError as err:
                     raise self._out_of_memory(f"task {task}, epoch {epoch + 1}, step {step + 1}", err) from err
                 if len(pending) < _READ_BACK_EVERY and step + 1 < steps:
@@ -457,8 +481,16 @@ class ContinualRun:
             return self.images[rows.cpu()].decode(0).to(self.device), self.labels[rows]
         return self.images[rows], self.labels[rows]
 
-    def _step(self, learner: Learner, batch: torch.Tensor, probe: tuple[torch.Tensor, torch.Tensor] | None,
-              gen: torch.Generator, optimizer, scheduler, step: int, total: int) -> torch.Tensor:
+    def train_step(self, learner: Learner, batch: torch.Tensor, probe: tuple[torch.Tensor, torch.Tensor] | None,
+                   gen: torch.Generator, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   step: int, total: int) -> torch.Tensor:
+        """One training step of ``learner`` (inside :meth:`task_encoders`) on a uint8 global batch
+        ``(batch_size, C, H, W)``: two augmented views drawn from ``gen``, the SSL loss (plus the
+        distillation and the online probe's cross-entropy on ``probe``, ``(images, labels)``, where
+        they apply), backward, the optimiser and schedule steps, and the momentum networks' EMA
+        update for step ``step`` of ``total``. Returns the loss, a 0-dim tensor on the device, not
+        read back (reading it waits for the device). With ``nonfinite="skip"`` a non-finite loss
+        updates nothing but the schedule."""
         cfg = self.config
         # The augmentations of the global batch are drawn on every rank; each applies its rows' own.
         views = self.augment(batch, gen, rows=distributed.local_rows(len(batch)))
@@ -517,7 +549,7 @@ class ContinualRun:
         if not distributed.is_main_process():  # every rank merged; one writes
             return None
         scores = self._evaluate(learner.backbone, learner.probe) or {}
-        metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self._task_indices(task)))
+        metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self.task_indices(task)))
         trainer_tensors = ckpt.module_tensors(learner.kept())
         info = {"task": task, "strategy": self.config.strategy, "method": self.config.method,
                 "branches": self._uses_branches(task), "cassle": self._uses_cassle(task)}
@@ -596,14 +628,14 @@ class ContinualRun:
             raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --output")
         if resume:
             ckpt.check_unchanged(self.run_dir, self.resolved_config().to_dict(), RESUME_MAY_CHANGE)
-        learner = self._learner_after(done - 1) if done else self._initial_learner()
+        learner = self._learner_after(done - 1) if done else self.new_learner()
         metrics = self._open_metrics(resume, done) if main else None
         if main and resume:
             self._push_pending()
         for task in range(done, len(self.scenario)):
             started = time.perf_counter()
-            self._prepare_task(learner, task)
-            with self._parallel(learner):
+            self.prepare_task(learner, task)
+            with self.task_encoders(learner):
                 self._train_task(learner, task)
             scores = self._finish_task(learner, task, metrics, started)
             if main:
@@ -644,7 +676,7 @@ class ContinualRun:
         return metrics
 
     @contextlib.contextmanager
-    def _parallel(self, learner: Learner) -> Iterator[None]:
+    def task_encoders(self, learner: Learner) -> Iterator[None]:
         """For one task's training: ``learner.encoder`` (in ``DistributedDataParallel`` when several
         ranks train) and ``learner.momentum_encoder``, both through ``torch.compile`` with
         ``compile``; with ``sync_bn``, SyncBatchNorm in the backbone and its momentum copy;

@@ -9,6 +9,7 @@ from timm.layers import CondConv2d, Conv2dSame, ScaledStdConv2d, StdConv2d
 from torch import nn
 
 from timm_branch.branch import _branched_forward, attach_branch, get_branch, tap_indices
+from timm_branch import branch_conv
 from timm_branch.branch_conv import tap_boxes
 
 from conftest import max_rel_err
@@ -56,9 +57,23 @@ _SMALLEST = {"unpadded": 3, "even": 2}
 _CASES = [(name, size) for name in _geometries() for size in (9, 2, 1) if size >= _SMALLEST.get(name, 1)]
 
 
+# How the taps' gradient is computed: the device's rule (on the CPU, gathered GEMMs except for a
+# whole kernel on larger maps), or one implementation forced for every case. CUDA takes the
+# convolutions, which CPU-only test runs must cover as well.
+_TAP_GRAD_PATHS = {"device-rule": None, "gathered": True, "convolution": False}
+
+
+@pytest.fixture(params=list(_TAP_GRAD_PATHS))
+def tap_grad_path(request, monkeypatch):
+    forced = _TAP_GRAD_PATHS[request.param]
+    if forced is not None:
+        monkeypatch.setattr(branch_conv, "_gathers", lambda *args: forced)
+    return request.param
+
+
 @pytest.mark.parametrize("name, size", _CASES, ids=[f"{n}-{s}px" for n, s in _CASES])
 @pytest.mark.parametrize("shape", ["1x1", "cross", "full"])
-def test_gradients_equal_autograd_in_float64(name, shape, size):
+def test_gradients_equal_autograd_in_float64(name, shape, size, tap_grad_path):
     fast = _geometries()[name].double().requires_grad_(False)
     branch = attach_branch(fast, shape)
     assert type(fast).forward is _branched_forward
@@ -83,7 +98,7 @@ def test_gradients_equal_autograd_in_float64(name, shape, size):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("make", [lambda: nn.Conv2d(16, 32, 3, padding=1), lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1),
                                   lambda: nn.Conv2d(16, 32, 5, padding=2, groups=4)], ids=["plain", "strided", "grouped"])
-def test_float32_kernels_give_the_float64_gradients(make, memory_format):
+def test_float32_kernels_give_the_float64_gradients(make, memory_format, tap_grad_path):
     """float32 runs other CPU kernels (oneDNN) than float64: the tap gradients, whose sub-kernels
     are only shaped like the kernel, must still be float64's up to float32 rounding."""
     conv = make().requires_grad_(False)

@@ -47,7 +47,31 @@ class _Misnamed(nn.Module):
 def test_pairs_follow_data_flow_not_names_or_order():
     assert _pairs(_Misnamed()) == {"bn": ("conv",), "feeds_act": ("norm_after_act",)}
     shape_only = find_conv_norm_pairs(_Misnamed(), through=("shape",))
-    assert shape_only == [ConvNormPair("bn", ("conv",), "shape")]
+    assert shape_only == [ConvNormPair("bn", ("conv",), "shape", direct=True)]
+
+
+class _Indirect(nn.Module):
+    """Pairs whose norm layer is not the conv output's one and only consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.direct, self.norm_direct = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.residual, self.norm_residual = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.shared_norm_conv, self.shared_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.twice, self.norm_twice = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.norm_direct(self.direct(x))
+        x = self.norm_residual(self.residual(x) + x)  # through an addition
+        x = self.shared_norm(self.shared_norm_conv(x)) + self.shared_norm(x)  # the norm also runs elsewhere
+        return self.norm_twice(self.twice(self.twice(x)))  # the conv runs twice
+
+
+def test_a_pair_is_direct_only_when_its_norm_alone_takes_the_convs_output_unchanged():
+    pairs = {p.conv: p for p in find_conv_norm_pairs(_Indirect())}
+    assert {name: p.direct for name, p in pairs.items()} == {"direct": True, "residual": False, "shared_norm_conv": False}
+    resnet = find_conv_norm_pairs(timm.create_model("resnet18", pretrained=False))
+    assert len(resnet) == 20 and all(p.direct for p in resnet)
 
 
 class _PreAct(nn.Module):

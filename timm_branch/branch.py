@@ -34,7 +34,7 @@ from timm.layers.padding import pad_same
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .branch_conv import BranchedConv, ConvGeometry, symmetric_padding, tap_boxes
+from .branch_conv import BranchedConv, ConvGeometry, symmetric_padding, tap_plan
 
 BranchShape = Literal["1x1", "cross", "full", "cross-pair"]
 BRANCH_SHAPES: tuple[str, ...] = ("1x1", "cross", "full", "cross-pair")
@@ -103,8 +103,8 @@ class ConvBranch(nn.Module):
         self._grid = (*_lead_shape(weight, self.kernel_size), kernel_numel)
         n_taps = kernel_numel if taps is None else len(taps)
         self.register_buffer("taps", None if taps is None else taps.to(weight.device), persistent=False)
-        # The tap-only backward's boxes; none when the branch has every tap (a 1x1 kernel, "full").
-        self.boxes, self.runs = (None, None) if n_taps == kernel_numel else tap_boxes(self.kernel_size, taps)
+        # How the tap-only backward computes the taps' gradient.
+        self.plan = tap_plan(self.kernel_size, taps)
         # The conv's geometry for BranchedConv, set by attach_branch for plain convs (else None).
         self.geometry: ConvGeometry | None = None
         self.n_taps = n_taps
@@ -139,6 +139,18 @@ class ConvBranch(nn.Module):
             effective = grid.clone().index_add_(-1, self.taps, self.tap_values())
         return effective.view(weight.shape)
 
+    def scaled(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``scale * (W + delta)`` for a per-output-channel ``scale`` ``(out,)``: the kernel of a
+        conv with a frozen BatchNorm folded in (:mod:`timm_branch.bn_fold`), in one pass over ``W``.
+        Equal to ``scale * forward(weight)`` up to rounding."""
+        if self.taps is None:
+            return torch.add(weight, self.branch.view(weight.shape)).mul_(_per_channel(scale, weight.dim()))
+        grid = weight.reshape(self._grid)
+        per_channel = _per_channel(scale, grid.dim())
+        # The product keeps grid's layout (a channels_last kernel's), as forward's clone does.
+        scaled = torch.mul(grid, per_channel)
+        return scaled.index_add_(-1, self.taps, self.tap_values() * per_channel).view(weight.shape)
+
     def delta(self) -> torch.Tensor:
         """The branch as a dense kernel delta, shaped like the grid ``(*lead, prod(kernel_size))``."""
         if self.taps is None:
@@ -148,6 +160,11 @@ class ConvBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape!r}, kernel_size={self.kernel_size}, taps={self.n_taps}"
+
+
+def _per_channel(scale: torch.Tensor, dims: int) -> torch.Tensor:
+    """``scale`` ``(out,)`` viewed to broadcast over a ``dims``-dimensional kernel or grid."""
+    return scale.view(-1, *[1] * (dims - 1))
 
 
 def _lead_shape(weight: torch.Tensor, kernel_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -189,24 +206,37 @@ def _plain_geometry(conv: nn.Module) -> ConvGeometry | None:
     return None if padding is None else ConvGeometry(tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)
 
 
-def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The forward of a branched plain conv: :class:`BranchedConv` while the branch alone trains
-    (its backward skips the frozen kernel's weight gradient), else the parametrized forward."""
+def tap_backward_applies(conv: nn.Module) -> bool:
+    """Whether the branched plain ``conv``'s forward now runs :class:`BranchedConv`: gradients are
+    enabled, the branch trains, the kernel is frozen, and the branch is the weight's only
+    parametrization."""
     # The module dictionaries directly: nn.Module.__getattr__ would add microseconds per conv and
     # step of host time, which a GPU step at small image sizes waits for.
-    parametrizations = self._modules["parametrizations"]
+    parametrizations = conv._modules["parametrizations"]
     weights = parametrizations._modules["weight"]
     branch = next(iter(weights._modules.values()))
-    delta, original = branch._parameters.get("branch"), weights._parameters["original"]
+    return (torch.is_grad_enabled() and any(p.requires_grad for p in branch._parameters.values())
+            and not weights._parameters["original"].requires_grad
+            and len(weights._modules) == 1 and len(parametrizations._modules) == 1)
+
+
+def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a branched plain conv: :class:`BranchedConv` while the branch alone trains
+    (its backward skips the frozen kernel's weight gradient), else the parametrized forward. A
+    BatchNorm folded into the conv (:mod:`timm_branch.bn_fold`) is applied here when it folds."""
+    if not tap_backward_applies(self):
+        return super(type(self), self).forward(x)
+    weights = self._modules["parametrizations"]._modules["weight"]
+    branch = next(iter(weights._modules.values()))
+    delta = branch._parameters.get("branch")
     if delta is None:  # "cross-pair": the lines summed onto the cross's taps
         delta = branch.tap_values()
-    if not (torch.is_grad_enabled() and delta.requires_grad and not original.requires_grad
-            and len(weights._modules) == 1 and len(parametrizations._modules) == 1):
-        return super(type(self), self).forward(x)
+    fold = self.__dict__.get("_fold")
+    scale, shift = fold.affine() if fold is not None and fold.norm_frozen() else (None, None)
     if isinstance(self, Conv2dSame):
         x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-    return BranchedConv.apply(x, original, delta, self._parameters["bias"], branch, branch.geometry, branch.boxes,
-                              branch.runs)
+    return BranchedConv.apply(x, weights._parameters["original"], delta, self._parameters["bias"], branch,
+                              branch.geometry, branch.plan, scale, shift)
 
 
 def get_branch(conv: nn.Module) -> ConvBranch | None:

@@ -16,6 +16,15 @@ branch is one box per axis, the line of taps through the centre along that axis.
 tap that reads its window without padding is computed as one matrix product (a GEMM over batch
 and output pixels), which does the same arithmetic with less host work per call.
 
+On the CPU the taps' gradient is instead one matrix product for all taps at once
+(:func:`_gathered_tap_grad`): the input pixels each tap reads are gathered side by side (``T``
+copies of the input for ``T`` taps) and multiplied with the output gradient. oneDNN's weight
+gradient of ``k x 1`` / ``1 x k`` sub-kernels, and of any kernel on maps of a few pixels, is
+slower than that GEMM (``benchmarks/tap_grad.py``; resnet18 at 64 px on a 2-core EPYC: the cross
+taps in about half the time of the sub-convolutions, and a whole ``3 x 3`` kernel's gradient on
+``2 x 2`` maps in a third of oneDNN's). For the whole kernel on larger maps oneDNN wins, so there
+the full weight gradient stays a convolution (:data:`_GEMM_FULL_MAX_PIXELS`).
+
 Exactness: the forward computes the very ``W + delta`` (:meth:`ConvBranch.forward`) and the very
 convolution call of the conv class, so outputs, and therefore merges, are bit-for-bit those of the
 plain parametrization; gradients equal autograd's up to summation order (float64: ~1e-15
@@ -61,6 +70,30 @@ class TapBox:
 
 TapRun = tuple[int, int, int]
 """``(box, first, stop)``: the taps ``first..stop - 1`` (row-major) of box number ``box``."""
+
+
+@dataclass(frozen=True)
+class TapPlan:
+    """How a branch's backward computes the gradient of its taps.
+
+    ``coords``: every trained tap as kernel coordinates, in the branch's tap order; ``boxes`` and
+    ``runs``: :func:`tap_boxes` for the sub-convolutions, ``None`` when the branch has every tap
+    (then the gradient is the full weight gradient).
+    """
+
+    coords: tuple[tuple[int, ...], ...]
+    boxes: tuple[TapBox, ...] | None
+    runs: tuple[TapRun, ...] | None
+
+
+def tap_plan(kernel_size: tuple[int, ...], taps: torch.Tensor | None) -> TapPlan:
+    """The :class:`TapPlan` of a branch on the flat tap indices ``taps`` (``None``: every tap)."""
+    every = TapBox(tuple(0 for _ in kernel_size), tuple(kernel_size)).taps()
+    if taps is None or len(taps) == math.prod(kernel_size):
+        return TapPlan(tuple(every), None, None)
+    boxes, runs = tap_boxes(kernel_size, taps)
+    return TapPlan(tuple(every[t] for t in taps.tolist()), tuple(boxes), tuple(runs))
+
 
 
 def tap_boxes(kernel_size: tuple[int, ...], taps: torch.Tensor) -> tuple[list[TapBox], list[TapRun]]:
@@ -112,22 +145,27 @@ def symmetric_padding(padding: str | tuple[int, ...], kernel_size: tuple[int, ..
 class BranchedConv(torch.autograd.Function):
     """``conv(x, W + delta, bias)`` whose backward computes the input, tap and bias gradients only.
 
-    ``apply(x, weight, branch, bias, effective, geometry, boxes, runs)``:
+    ``apply(x, weight, branch, bias, effective, geometry, plan, scale, shift)``:
 
     - ``x``: ``(N, C_in, *spatial)``; ``weight``: the frozen kernel ``(C_out, C_in / groups, *k)``;
       ``branch``: ``(C_out, C_in / groups, taps)``; ``bias``: ``(C_out,)`` or ``None``;
-    - ``effective``: ``weight -> W + delta``, the branch parametrization (it reads ``branch``);
+    - ``effective``: ``weight -> W + delta``, the branch parametrization (it reads ``branch``), with
+      ``scaled(weight, scale) -> scale * (W + delta)``;
     - ``geometry``: :class:`ConvGeometry`;
-    - ``boxes``, ``runs``: :func:`tap_boxes`, or ``None`` when the branch covers every tap (then
-      the branch gradient is the full weight gradient).
+    - ``plan``: the branch's :class:`TapPlan`;
+    - ``scale``, ``shift``: ``(C_out,)``, a frozen BatchNorm's map ``y = scale * z + shift`` folded
+      into the conv (:mod:`timm_branch.bn_fold`): the output is then
+      ``conv(x, scale * (W + delta), scale * bias + shift)``; or ``None`` for no fold.
 
     ``weight`` receives no gradient (it must not require one).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, branch, bias, effective, geometry: ConvGeometry, boxes, runs):
+    def forward(ctx, x, weight, branch, bias, effective, geometry: ConvGeometry, plan: TapPlan, scale, shift):
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
-        w_eff = effective.forward(weight)  # the module itself, without nn.Module.__call__'s hook dispatch
+        w_eff = _kernel(effective, weight, scale)  # the module itself, without nn.Module.__call__'s hook dispatch
+        if scale is not None:
+            bias = shift if bias is None else torch.addcmul(shift, bias, scale)
         cast = _autocast_dtype(x)
         if cast is not None:
             # What autocast does to a convolution, made explicit so that backward has the same
@@ -138,7 +176,7 @@ class BranchedConv(torch.autograd.Function):
         # else ``W + delta`` is recomputed in backward rather than kept beside ``W`` (a weight-sized
         # copy per conv).
         ctx.save_for_backward(x, weight if cast is None else w_eff, branch)
-        ctx.effective, ctx.geometry, ctx.boxes, ctx.runs, ctx.cast = effective, geometry, boxes, runs, cast
+        ctx.effective, ctx.geometry, ctx.plan, ctx.cast, ctx.scale = effective, geometry, plan, cast, scale
         return out
 
     @staticmethod
@@ -147,10 +185,13 @@ class BranchedConv(torch.autograd.Function):
         x, kernel, branch = ctx.saved_tensors  # kernel: W (rebuilt into W + delta here) or, cast, W + delta
         g = ctx.geometry
         rebuilt = ctx.cast is None
-        w_eff = ctx.effective.forward(kernel) if rebuilt else kernel
+        scale = ctx.scale
+        w_eff = _kernel(ctx.effective, kernel, scale) if rebuilt else kernel
         grad_out = _as(grad_out, w_eff.dtype)
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        full = ctx.boxes is None
+        plan = ctx.plan
+        gathered = _gathers(x, plan, grad_out.shape[2:])
+        full = plan.boxes is None and not gathered  # the branch gradient is a convolution's weight gradient
         x_dtype, bias_dtype = ctx.dtypes
         # Weight gradients read only the kernel's shape and dtype, so ``kernel`` serves for them. A
         # rebuilt W + delta is dropped before they are allocated, so that the backward's peak memory
@@ -163,14 +204,27 @@ class BranchedConv(torch.autograd.Function):
         del w_eff
         if full and not both:
             grad_w = _conv_backward(grad_out, x, kernel, g, False, [False, True, False])[1]
-        grad_branch = grad_w.reshape(branch.shape) if full else _tap_grad(grad_out, x, kernel, g, ctx.boxes, ctx.runs)
+        if full:
+            grad_branch = grad_w.reshape(branch.shape)
+        elif gathered:
+            grad_branch = _gathered_tap_grad(grad_out, x, g, plan.coords).reshape(branch.shape)
+        else:
+            grad_branch = _tap_grad(grad_out, x, kernel, g, plan.boxes, plan.runs)
+        if scale is not None:  # the folded kernel is scale * (W + delta), its bias scale * bias + shift
+            grad_branch = grad_branch * _as(scale, grad_branch.dtype).view(-1, *[1] * (grad_branch.dim() - 1))
+            grad_bias = None if grad_bias is None else grad_bias * _as(scale, grad_bias.dtype)
         return (
             _as(grad_x, x_dtype) if need_x else None,
             None,
             _as(grad_branch, branch.dtype),
             _as(grad_bias, bias_dtype) if need_bias else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )
+
+
+def _kernel(effective, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The kernel the convolution runs: ``W + delta``, or ``scale * (W + delta)`` with a folded BatchNorm."""
+    return effective.forward(weight) if scale is None else effective.scaled(weight, scale)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -207,8 +261,44 @@ def _conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     )
 
 
+_GEMM_FULL_MAX_PIXELS = 16
+"""Largest output map (pixels per image) on which the CPU computes a whole kernel's gradient as a
+GEMM of gathered taps rather than as oneDNN's weight-gradient convolution (measured crossover,
+resnet18 at 64 px on a 2-core EPYC: GEMM 3x faster on 2 x 2 maps, even on 4 x 4, 2x slower on 16 x 16)."""
+
+
+def _gathers(x: torch.Tensor, plan: TapPlan, out_size: torch.Size) -> bool:
+    """Whether the backward computes the taps' gradient with :func:`_gathered_tap_grad`: on the
+    CPU, for a subset of taps always, for the whole kernel on small maps only."""
+    return x.device.type == "cpu" and (plan.boxes is not None or math.prod(out_size) <= _GEMM_FULL_MAX_PIXELS)
+
+
+def _gathered_tap_grad(grad_out: torch.Tensor, x: torch.Tensor, g: ConvGeometry,
+                       coords: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The weight gradient ``(C_out, C_in / groups, T)`` of the ``T`` taps at ``coords`` as one
+    matrix product per group: ``grad_out`` ``(C_out, N * out pixels)`` against the pixels the taps
+    read, gathered tap beside tap into ``(C_in, T, N * out pixels)`` (``T`` copies of ``x``)."""
+    out_size = grad_out.shape[2:]
+    # Where each tap's first read lies in x, per axis; padding is needed only if a tap reads past x.
+    starts = [[i * d - p for i, d, p in zip(tap, g.dilation, g.padding)] for tap in coords]
+    inside = all(0 <= a and a + (n - 1) * s < length
+                 for start in starts for a, n, s, length in zip(start, out_size, g.stride, x.shape[2:]))
+    if not inside:
+        x = F.pad(x, [p for p in reversed(g.padding) for _ in (0, 1)])  # F.pad takes the last axis first
+        starts = [[a + p for a, p in zip(start, g.padding)] for start in starts]
+    per_channel = x.transpose(0, 1)  # (C_in, N, *spatial): gathered taps then sit beside each channel
+    cols = torch.stack([per_channel[(slice(None), slice(None), *(
+        slice(a, a + (n - 1) * s + 1, s) for a, n, s in zip(start, out_size, g.stride)))]
+        for start in starts], dim=1)
+    c_out, c_in, groups = grad_out.shape[1], x.shape[1], g.groups
+    rows = grad_out.transpose(0, 1).reshape(groups, c_out // groups, -1)
+    cols = cols.view(groups, c_in // groups * len(coords), -1)
+    grad = torch.mm(rows[0], cols[0].t()) if groups == 1 else torch.bmm(rows, cols.transpose(1, 2))
+    return grad.view(c_out, c_in // groups, len(coords))
+
+
 def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: ConvGeometry,
-              boxes: list[TapBox], runs: list[TapRun]) -> torch.Tensor:
+              boxes: tuple[TapBox, ...], runs: tuple[TapRun, ...]) -> torch.Tensor:
     """The branch gradient ``(C_out, C_in / groups, taps)``: one sub-convolution per box
     (``kernel``: any tensor of the kernel's shape and compute dtype; only those are read)."""
     out_size = grad_out.shape[2:]

@@ -74,11 +74,17 @@ class ConvBNPair:
 @dataclass(frozen=True)
 class ConvNormPair:
     """A convolution, the norm layers its output feeds (module names in ``model``), and ``path``:
-    the widest kind of op on the way, ``"shape"``, ``"act"`` or ``"conv"`` (see the module doc)."""
+    the widest kind of op on the way, ``"shape"``, ``"act"`` or ``"conv"`` (see the module doc).
+
+    ``direct``: the traced graph calls the conv once and passes its output, unchanged, to
+    ``norms[0]`` alone, which it calls once (what folding a frozen BatchNorm into the conv needs).
+    Never set for pairs found by the fallback rule.
+    """
 
     conv: str
     norms: tuple[str, ...]
     path: str
+    direct: bool = False
 
 
 def check_norms_through(norms: Sequence[str], through: Sequence[str]) -> None:
@@ -164,15 +170,17 @@ def _pairing(
     check_norms_through(norms, through)
     rule = _Rule(frozenset(norms), frozenset(through))
     found: dict[str, tuple[set[str], int]] = {}
+    direct: set[str] = set()
     reasons: dict[str, str] = {}
     untraced: list[tuple[str, Exception]] = []
     with preserved(model):
-        _pairs_in(model, "", rule, found, reasons, untraced)
+        _pairs_in(model, "", rule, found, direct, reasons, untraced)
         if untraced:
             _add_fallback_pairs(model, rule, untraced, example_input, found)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     pairs = [
-        ConvNormPair(conv, tuple(sorted(found[conv][0], key=order.__getitem__)), THROUGH_KINDS[found[conv][1]])
+        ConvNormPair(conv, tuple(sorted(found[conv][0], key=order.__getitem__)), THROUGH_KINDS[found[conv][1]],
+                     conv in direct)
         for conv in sorted(found, key=order.__getitem__)
     ]
     for name, module in model.named_modules():
@@ -222,10 +230,12 @@ def _pairs_in(
     prefix: str,
     rule: _Rule,
     found: dict[str, tuple[set[str], int]],
+    direct: set[str],
     reasons: dict[str, str],
     untraced: list[tuple[str, Exception]],
 ) -> None:
-    """Trace ``root`` and record its pairs; recurse into opaque leaves holding both convs and norms."""
+    """Trace ``root`` and record its pairs (and in ``direct`` the direct ones); recurse into opaque
+    leaves holding both convs and norms."""
     try:
         graph = _Tracer().trace(root)
     except Exception as err:  # FX raises many types (TraceError, TypeError, RuntimeError, ...)
@@ -246,12 +256,25 @@ def _pairs_in(
                 reasons[prefix + target] = blocked[0]
             else:
                 found[prefix + target] = ({prefix + n for r in reached for n in r[0]}, max(r[1] for r in reached))
+                if _is_direct(nodes, calls, {n for r in reached for n in r[0]}):
+                    direct.add(prefix + target)
         elif _holds_pairs(module, rule) and not rule.is_norm(module):
-            _pairs_in(module, f"{prefix}{target}.", rule, found, reasons, untraced)
+            _pairs_in(module, f"{prefix}{target}.", rule, found, direct, reasons, untraced)
         else:
             for name, inner in module.named_modules(prefix=prefix + target):
                 if is_conv(inner):
                     reasons[name] = f"inside {type(module).__name__}, an untraceable module without {rule.noun}"
+
+
+def _is_direct(conv_calls: list[fx.Node], calls: dict[str, list[fx.Node]], norms: set[str]) -> bool:
+    """Whether a paired conv, called at ``conv_calls`` and feeding ``norms``, is called once and its
+    output's only data user is the call of its one norm layer on it (as its sole input), that
+    layer's only call."""
+    if len(conv_calls) != 1 or len(norms) != 1:
+        return False
+    users = [u for u in conv_calls[0].users if not _is_shape_query(u)]
+    return (len(users) == 1 and users[0].op == "call_module" and users[0].target in norms
+            and users[0].args == (conv_calls[0],) and not users[0].kwargs and len(calls[users[0].target]) == 1)
 
 
 def _holds_pairs(module: nn.Module, rule: _Rule) -> bool:

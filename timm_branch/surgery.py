@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import bn as bn_policy
+from . import bn_fold
 from .branch import attach_branch, check_shape, iter_branches, merge_branch
 from .history import BranchRecord, close_active, find_active, set_active
 from .pairs import DEFAULT_NORMS, DEFAULT_THROUGH, check_norms_through, find_conv_norm_pairs, norm_kind
@@ -42,7 +43,10 @@ def add_branches(
         shape: ``"1x1"``, ``"cross"`` or ``"full"``: which kernel taps the branches train
             (see :mod:`timm_branch.branch`).
         bn: policy for every norm layer of the ``norms`` kinds, ``"frozen"``, ``"affine"`` or
-            ``"train"`` (see :mod:`timm_branch.bn`).
+            ``"train"`` (see :mod:`timm_branch.bn`). Under ``"frozen"``, a BatchNorm that a branched
+            conv feeds directly is folded into the conv during training steps
+            (:mod:`timm_branch.bn_fold`): a forward hook on such a conv then sees the normalised
+            output while gradients are on; merging and exports are unaffected.
         include: convs to branch, among the paired ones: a regex matched against the whole module
             name, or a list of module names or name suffixes (``"conv1"`` matches ``layer1.0.conv1``).
             ``None``: all paired convs.
@@ -103,6 +107,15 @@ def add_branches(
         bn_policy.apply_policy(layer, bn)
     for name in convs:
         attach_branch(model.get_submodule(name), shape)
+    if bn == "frozen":
+        # A frozen BatchNorm right behind its branched conv is a fixed affine map: training steps
+        # fold it into the conv (timm_branch.bn_fold); merging and exports are unaffected.
+        chosen = set(convs)
+        for pair in pairs:
+            if pair.direct and pair.conv in chosen:
+                conv, norm = model.get_submodule(pair.conv), model.get_submodule(pair.norms[0])
+                if bn_fold.can_fold(conv, norm):
+                    bn_fold.fold(conv, norm)
     set_active(model, record)
     return model
 
@@ -137,6 +150,9 @@ def merge_branches(model: nn.Module) -> nn.Module:
         )
     # add_branches may have been called on submodules (a backbone inside a wrapper): undo each.
     for owner, record in active:
+        for module in owner.modules():
+            if bn_fold.is_folded(module):
+                bn_fold.unfold(module)
         for _, conv, _ in list(iter_branches(owner)):
             merge_branch(conv)
         for module in owner.modules():

@@ -72,8 +72,10 @@ Run (from the repository root)::
         --img-size 224 --batch-size 128 --steps 30 --warmup 5 [--compile]
     python benchmarks/step_time.py --smoke              # a few-step check that everything runs
 
-Targets (GPU speed issue): ``branch-1x1`` <= 0.80, ``branch-cross`` <= 0.90, ``branch-full`` <= 1.00
-times the fine-tune step, and never slower than ``naive-<shape>`` where both are measured.
+Targets (speed issue #18), as times the fine-tune step, and never slower than ``naive-<shape>``
+where both are measured (:data:`TARGETS`): on the CPU (resnet18, 64 px, batch 32, fp32)
+``branch-1x1`` <= 0.75, ``branch-cross`` <= 0.88, ``branch-full`` <= 0.97; on CUDA eager every shape
+<= 1.00; on CUDA compiled 0.85, 0.95 and 1.00.
 """
 from __future__ import annotations
 
@@ -93,8 +95,20 @@ SHAPES = ("1x1", "cross", "full")
 BASELINE = "fine-tune"
 FROZEN_BN = "frozen-bn"
 ALL_VARIANTS = (BASELINE, FROZEN_BN, *(f"branch-{s}" for s in SHAPES), *(f"naive-{s}" for s in SHAPES))
-TARGETS = {"1x1": 0.80, "cross": 0.90, "full": 1.00}
-"""Step time of ``branch-<shape>`` over fine-tuning that the GPU speed issue asks for."""
+TARGETS = {
+    "cpu": {"1x1": 0.75, "cross": 0.88, "full": 0.97},
+    "cuda": {"1x1": 1.00, "cross": 1.00, "full": 1.00},
+    "cuda-compiled": {"1x1": 0.85, "cross": 0.95, "full": 1.00},
+}
+"""Step time of ``branch-<shape>`` over fine-tuning that the speed issue (#18) asks for, by device
+(and on CUDA by eager or compiled run); every one also no slower than ``naive-<shape>``."""
+
+
+def targets(device: torch.device, compiled: bool) -> dict[str, float]:
+    """The :data:`TARGETS` of a run on ``device`` (CPU targets for any device but CUDA)."""
+    if device.type != "cuda":
+        return TARGETS["cpu"]
+    return TARGETS["cuda-compiled" if compiled else "cuda"]
 _GPU_ZERO_INIT_TOLERANCE = 1e-2
 """Largest zero-init output difference accepted on a GPU, relative to the largest output."""
 
@@ -315,7 +329,7 @@ def first_steps(steps: dict[str, Callable[[], None]], sync: Callable[[], None]) 
 # --------------------------------------------------------------------------------------------------
 
 
-def build_rows(variants, times, memory, n_params) -> list[dict]:
+def build_rows(variants, times, memory, n_params, goal: dict[str, float]) -> list[dict]:
     base_t = common.median_iqr(times[BASELINE])[0]
     base_m = memory[BASELINE] if memory else None
     rows = []
@@ -332,18 +346,18 @@ def build_rows(variants, times, memory, n_params) -> list[dict]:
         })
     medians = {r["variant"]: r["median_ms"] for r in rows}
     for row in rows:
-        row["target"] = _target(row, medians)
+        row["target"] = _target(row, medians, goal)
     return rows
 
 
-def _target(row: dict, medians: dict[str, float]) -> str:
-    """``ok`` / ``OVER`` for a branch variant against its shape's target and its naive twin."""
+def _target(row: dict, medians: dict[str, float], goal: dict[str, float]) -> str:
+    """``ok`` / ``OVER`` for a branch variant against its shape's target in ``goal`` and its naive twin."""
     if not row["variant"].startswith("branch-"):
         return ""
     shape = row["variant"].removeprefix("branch-")
     naive = medians.get(f"naive-{shape}")
-    met = row["time_ratio"] <= TARGETS[shape] and (naive is None or row["median_ms"] <= naive)
-    return f"{'ok' if met else 'OVER'} (<= {TARGETS[shape]:.2f}x{', <= naive' if naive is not None else ''})"
+    met = row["time_ratio"] <= goal[shape] and (naive is None or row["median_ms"] <= naive)
+    return f"{'ok' if met else 'OVER'} (<= {goal[shape]:.2f}x{', <= naive' if naive is not None else ''})"
 
 
 def _verdict(rows: list[dict]) -> str:
@@ -465,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.warmup} warm-up + {args.steps} timed steps per variant, interleaved"
     )
     info = common.machine_info(device, args.threads)
-    rows = build_rows(variants, times, memory, n_params)
+    rows = build_rows(variants, times, memory, n_params, targets(device, args.compile))
     common.print_header(setup, info, f"peak memory: {memory_method}")
     print(table(rows, compiled, markdown=False))
     print("\n" + _verdict(rows))

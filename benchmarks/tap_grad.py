@@ -15,8 +15,9 @@ compute dtype (bfloat16 with ``--precision bf16``) and layout (``--channels-last
 - ``full`` (the baseline): the whole kernel's weight gradient
   (``aten.convolution_backward``, weight only), what fine-tuning pays on top of the input gradient;
 - ``input``: the input gradient, which both fine-tuning and the branch pay;
-- ``1x1``, ``cross``: the tap gradients ``BranchedConv``'s backward computes
-  (``timm_branch.branch_conv._tap_grad``).
+- ``1x1``, ``cross``: the tap gradients ``BranchedConv``'s backward computes, the device's way
+  (``timm_branch.branch_conv.taps_grad``: on the CPU one GEMM of gathered taps, on CUDA one
+  sub-convolution per line of taps).
 
 Convs of the same shape are timed once and counted as often as the model has them. Reported per
 shape: medians and the ratios ``tap / full``; for the whole model: the count-weighted sums, as
@@ -74,7 +75,7 @@ def conv_shapes(args: argparse.Namespace, device: torch.device) -> Counter:
 def time_shape(args: argparse.Namespace, key: tuple, device: torch.device, sync) -> dict[str, tuple[float, float, float]]:
     """Median and quartiles (seconds) of ``full``, ``input`` and every tap shape for one conv shape."""
     from timm_branch.branch import tap_indices
-    from timm_branch.branch_conv import _conv_backward, _tap_grad, tap_boxes
+    from timm_branch.branch_conv import _conv_backward, tap_plan, taps_grad
 
     geometry, kernel_shape, x_shape, out_shape = key
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -91,8 +92,8 @@ def time_shape(args: argparse.Namespace, key: tuple, device: torch.device, sync)
         "input": lambda: _conv_backward(grad_out, x, kernel, geometry, False, [True, False, False]),
     }
     for shape in SHAPES:
-        boxes, runs = tap_boxes(tuple(kernel_shape[2:]), tap_indices(tuple(kernel_shape[2:]), shape))
-        steps[shape] = lambda boxes=boxes, runs=runs: _tap_grad(grad_out, x, kernel, geometry, boxes, runs)
+        plan = tap_plan(tuple(kernel_shape[2:]), tap_indices(tuple(kernel_shape[2:]), shape))
+        steps[shape] = lambda plan=plan: taps_grad(grad_out, x, kernel, geometry, plan)
     times = common.time_interleaved(steps, args.warmup, args.rounds, sync)
     return {name: common.median_iqr(t) for name, t in times.items()}
 
@@ -117,10 +118,11 @@ def table(rows: list[list[str]], markdown: bool) -> str:
     return common.markdown_table(headers, rows) if markdown else common.text_table(headers, rows)
 
 
-def summary(totals: dict[str, float]) -> list[str]:
+def summary(totals: dict[str, float], device: torch.device) -> list[str]:
     full, inp = totals["full"], totals["input"]
-    # Multiply-adds against the full gradient for a 3 x 3 kernel; cross computes its centre tap once per line.
-    work = {"1x1": "1/9", "cross": "6/9"}
+    # Multiply-adds against the full gradient for a 3 x 3 kernel; on CUDA cross computes its centre
+    # tap once per line, the CPU's gathered GEMM once.
+    work = {"1x1": "1/9", "cross": "5/9" if device.type == "cpu" else "6/9"}
     return [f"{s}: tap gradient {totals[s] / full:.3f}x the full weight gradient (work {work[s]} for a 3x3 kernel); "
             f"backward (input + weight gradient) {(inp + totals[s]) / (inp + full):.3f}x fine-tuning's" for s in SHAPES]
 
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     common.print_header(setup, info)
     print(table(rows, markdown=False))
     print()
-    lines = summary(totals)
+    lines = summary(totals, device)
     print("\n".join(lines))
     title = common.section_title(device, "tap gradient vs full weight gradient", f"{args.model}, {args.img_size} px", args)
     common.emit_markdown(common.markdown_section(title, info, {"Setup": setup}, table(rows, markdown=True),

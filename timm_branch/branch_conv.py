@@ -206,10 +206,8 @@ class BranchedConv(torch.autograd.Function):
             grad_w = _conv_backward(grad_out, x, kernel, g, False, [False, True, False])[1]
         if full:
             grad_branch = grad_w.reshape(branch.shape)
-        elif gathered:
-            grad_branch = _gathered_tap_grad(grad_out, x, g, plan.coords).reshape(branch.shape)
         else:
-            grad_branch = _tap_grad(grad_out, x, kernel, g, plan.boxes, plan.runs)
+            grad_branch = taps_grad(grad_out, x, kernel, g, plan, gathered).reshape(branch.shape)
         if scale is not None:  # the folded kernel is scale * (W + delta), its bias scale * bias + shift
             grad_branch = grad_branch * _as(scale, grad_branch.dtype).view(-1, *[1] * (grad_branch.dim() - 1))
             grad_bias = None if grad_bias is None else grad_bias * _as(scale, grad_bias.dtype)
@@ -271,6 +269,19 @@ def _gathers(x: torch.Tensor, plan: TapPlan, out_size: torch.Size) -> bool:
     """Whether the backward computes the taps' gradient with :func:`_gathered_tap_grad`: on the
     CPU, for a subset of taps always, for the whole kernel on small maps only."""
     return x.device.type == "cpu" and (plan.boxes is not None or math.prod(out_size) <= _GEMM_FULL_MAX_PIXELS)
+
+
+def taps_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: ConvGeometry, plan: TapPlan,
+              gathered: bool | None = None) -> torch.Tensor:
+    """The gradient ``(C_out, C_in / groups, taps)`` of the taps of ``plan`` as the backward computes
+    it: gathered GEMMs where :func:`_gathers` says so (or ``gathered`` forces), else one
+    sub-convolution per box of taps (``kernel``: any tensor of the kernel's shape and compute
+    dtype). A ``plan`` of every tap needs ``gathered``."""
+    if gathered is None:
+        gathered = _gathers(x, plan, grad_out.shape[2:])
+    if gathered:
+        return _gathered_tap_grad(grad_out, x, g, plan.coords)
+    return _tap_grad(grad_out, x, kernel, g, plan.boxes, plan.runs)
 
 
 def _gathered_tap_grad(grad_out: torch.Tensor, x: torch.Tensor, g: ConvGeometry,

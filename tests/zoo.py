@@ -1,9 +1,11 @@
 """The model zoo of the coverage sweep (tests/test_coverage.py, scripts/coverage.py). Plain data.
 
-FAMILY_MODELS, NO_PAIR_FAMILIES, NO_BATCHNORM_FAMILIES, INPUT_SIZES and FALLBACK_MODELS were
-generated for timm 1.0.31 by ``python scripts/coverage.py --select``, which builds every model of
-every ``timm.list_modules()`` family on the ``meta`` device (``pretrained=False``), counts its
-parameters and picks per family the smallest model with at least one conv -> BatchNorm pair.
+FAMILY_MODELS, NO_PAIR_FAMILIES, NO_BATCHNORM_FAMILIES, WIDENED_FAMILY_MODELS, UNBRANCHABLE_FAMILIES,
+INPUT_SIZES, FALLBACK_MODELS and WIDE_FALLBACK_MODELS were generated for timm 1.0.31 by
+``python scripts/coverage.py --select``, which builds every model of every ``timm.list_modules()``
+family on the ``meta`` device (``pretrained=False``), counts its parameters and picks per family the
+smallest model with at least one conv -> BatchNorm pair with ``add_branches``' defaults, else the
+smallest with a conv -> norm pair with the widest ``norms``/``through``, else says why there is none.
 Rerun it after a timm upgrade (``test_zoo_classifies_every_family`` fails when timm gains a family)
 and paste its output here; the hand-written parts are marked.
 """
@@ -122,6 +124,54 @@ NO_BATCHNORM_FAMILIES: list[str] = [
     'vitamin',
 ]
 
+# timm family without a default pair -> its smallest model with a conv -> norm pair under the widest
+# norms/through: every norm kind, through shape ops, activations and convs (generated).
+WIDENED_FAMILY_MODELS: dict[str, str] = {
+    'convnext': 'test_convnext',  # 0.27 M params
+    'csatv2': 'csatv2',  # 11.10 M params
+    'davit': 'davit_tiny',  # 28.36 M params
+    'edgenext': 'edgenext_xx_small',  # 1.33 M params
+    'focalnet': 'focalnet_tiny_srf',  # 28.43 M params
+    'gcvit': 'gcvit_xxtiny',  # 12.00 M params
+    'hieradet_sam2': 'sam2_hiera_tiny',  # 26.85 M params
+    'mambaout': 'test_mambaout',  # 0.45 M params
+    'metaformer': 'poolformerv2_s12',  # 11.89 M params
+    'nest': 'nest_tiny',  # 17.06 M params
+    'pvt_v2': 'pvt_v2_b0',  # 3.67 M params
+    'rdnet': 'rdnet_tiny',  # 23.86 M params
+    'sequencer': 'sequencer2d_s',  # 27.65 M params
+    'swin_transformer': 'swin_tiny_patch4_window7_224',  # 28.29 M params
+    'swin_transformer_v2': 'swinv2_tiny_window16_256',  # 28.35 M params
+    'swin_transformer_v2_cr': 'swinv2_cr_tiny_224',  # 28.33 M params
+    'vision_transformer_sam': 'samvit_base_patch16',  # 89.67 M params
+    'vitamin': 'vitamin_small_224',  # 22.17 M params
+}
+
+# Families without a conv -> norm pair even with the widest settings -> why (generated).
+UNBRANCHABLE_FAMILIES: dict[str, str] = {
+    'beit': '7 models with convs and norm layers, none with a conv feeding one even through activations and convs (beit_base_patch16_224: 1 convs feeds flatten before any selected norm layer)',
+    'cait': '10 models with convs and norm layers, none with a conv feeding one even through activations and convs (cait_xxs24_224: 1 convs feeds flatten before any selected norm layer)',
+    'coat': '8 models with convs and norm layers, none with a conv feeding one even through activations and convs (coat_tiny: 12 convs feeds reshape before any selected norm layer; 8 convs feeds flatten before any selected norm layer)',
+    'convit': '3 models with convs and norm layers, none with a conv feeding one even through activations and convs (convit_tiny: 1 convs feeds flatten before any selected norm layer)',
+    'crossvit': '11 models with convs and norm layers, none with a conv feeding one even through activations and convs (crossvit_tiny_240: 2 convs feeds flatten before any selected norm layer)',
+    'deepseek_vit': '3 models with convs, none with a BatchNorm, LayerNorm or GroupNorm: they normalise with RmsNormFp32 only',
+    'deit': '16 models with convs and norm layers, none with a conv feeding one even through activations and convs (deit_tiny_patch16_224: 1 convs feeds flatten before any selected norm layer)',
+    'eva': '60 models with convs and norm layers, none with a conv feeding one even through activations and convs (vit_tiny_patch16_dinov3_qkvb: 1 convs feeds view before any selected norm layer)',
+    'gemma4_vit': '4 models, none with a convolution',
+    'hiera': '8 models with convs and norm layers, none with a conv feeding one even through activations and convs (hiera_tiny_224: 1 convs feeds reshape before any selected norm layer)',
+    'mlp_mixer': '11 models with convs and norm layers, none with a conv feeding one even through activations and convs (gmlp_ti16_224: 1 convs feeds flatten before any selected norm layer)',
+    'mobilenetv5': '3 models with convs, none with a BatchNorm, LayerNorm or GroupNorm: they normalise with RmsNorm2d, RmsNormAct2d only',
+    'mvitv2': '8 models with convs and norm layers, none with a conv feeding one even through activations and convs (mvitv2_tiny: 30 convs feeds reshape_post_pool before any selected norm layer; 1 convs feeds flatten before any selected norm layer)',
+    'naflexvit': '14 models, none with a convolution',
+    'nfnet': '36 models with convs, none with a BatchNorm, LayerNorm or GroupNorm: no norm layer at all (normaliser-free)',
+    'pit': '8 models with convs and norm layers, none with a conv feeding one even through activations and convs (pit_ti_224: 3 convs feeds flatten before any selected norm layer)',
+    'qwen3_vit': '9 models with convs and norm layers, none with a conv feeding one even through activations and convs (qwen3_vit_88m: 1 convs feeds reshape before any selected norm layer)',
+    'tnt': '3 models with convs and norm layers, none with a conv feeding one even through activations and convs (tnt_s_legacy_patch16_224: 1 convs feeds Unfold before any selected norm layer)',
+    'twins': '6 models with convs and norm layers, none with a conv feeding one even through activations and convs (twins_svt_small: 8 convs feeds flatten before any selected norm layer; 7 convs feeds reshape before any selected norm layer)',
+    'vision_transformer': '147 models with convs and norm layers, none with a conv feeding one even through activations and convs (test_vit: 1 convs feeds view before any selected norm layer)',
+    'vision_transformer_relpos': '14 models with convs and norm layers, none with a conv feeding one even through activations and convs (test_vit_relpos: 1 convs feeds flatten before any selected norm layer)',
+}
+
 # Special variants swept besides FAMILY_MODELS (hand-written): TF "same" padding (Conv2dSame),
 # MixedConv2d, CondConv2d, re-parameterisable multi-branch blocks, pre-activation nets
 # (BN after a residual addition or concatenation), and a BN VGG.
@@ -146,15 +196,23 @@ INPUT_SIZES: dict[str, tuple[int, int]] = {
     'efficientformer_l1': (224, 224),
     'efficientformerv2_s0': (224, 224),
     'efficientvit_m0': (96, 96),
+    'gcvit_xxtiny': (224, 224),
     'halonet_h1': (256, 256),
     'inception_resnet_v2': (96, 96),
     'inception_v3': (96, 96),
     'inception_v4': (96, 96),
     'levit_128s': (224, 224),
+    'nest_tiny': (224, 224),
+    'samvit_base_patch16': (96, 96),
+    'sequencer2d_s': (96, 96),
     'swiftformer_xs': (96, 96),
+    'swin_tiny_patch4_window7_224': (224, 224),
+    'swinv2_cr_tiny_224': (224, 224),
+    'swinv2_tiny_window16_256': (256, 256),
     'test_coatnet': (160, 160),
     'visformer_tiny': (224, 224),
     'vit_small_resnet50d_s16_224': (224, 224),
+    'vitamin_small_224': (224, 224),
     'volo_d1_224': (224, 224),
     'xcit_nano_12_p8_224': (96, 96),
 }
@@ -168,6 +226,21 @@ FALLBACK_MODELS: list[str] = [
     'mobilevit_xxs',
     'tiny_vit_5m_224',
 ]
+
+# The same with the widest norms/through, the pairing of the slow sweep (generated).
+WIDE_FALLBACK_MODELS: list[str] = [
+    'cpubone_nano',
+    'efficientvit_b0',
+    'efficientvit_m0',
+    'mobilevit_xxs',
+    'tiny_vit_5m_224',
+]
+
+# create_model kwargs of sweep models (hand-written): a zero-initialised classifier outputs 0 whatever
+# the branches do, so these compare pooled features instead.
+SWEEP_KWARGS: dict[str, dict] = {
+    'sequencer2d_s': {'num_classes': 0},
+}
 
 # Fast tier (hand-written): test id -> (model, create_model kwargs); each runs in every branch shape.
 FAST_MODELS: dict[str, tuple[str, dict]] = {

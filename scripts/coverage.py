@@ -12,7 +12,8 @@ that has at least one conv -> BatchNorm pair with ``add_branches``' defaults; fo
 the smallest model with a pair under the widest ``norms``/``through`` (``WIDEST``), and for a family
 without even that, the reason. Models alike in every module class (widths aside) are paired once. It
 also sorts out the models that need a specific input size and the ones whose pairing falls back (with
-the defaults and with the widest settings). It takes about twenty minutes on two CPU cores.
+the defaults and with the widest settings). It takes about fifteen minutes on two CPU cores; writing
+the table, about three.
 """
 from __future__ import annotations
 

@@ -132,3 +132,15 @@ def test_fold_refuses_a_norm_it_cannot_reproduce():
         bn_fold.fold(model.conv1, model.bn1)  # already folded
     with pytest.raises(ValueError, match="cannot fold"):
         bn_fold.fold(model.conv1, nn.GroupNorm(1, 64))
+
+
+def test_a_norm_whose_conv_was_merged_alone_runs_its_own_forward(image):
+    """``merge_branch`` on one conv (not ``merge_branches``): its folded layer must stop folding."""
+    from timm_branch.branch import merge_branch
+
+    model = _branched("resnet18")
+    reference = _unfolded(model)
+    merge_branch(model.conv1)
+    merge_branch(reference.conv1)
+    assert not model.bn1._fold.active()
+    assert max_rel_err(model(image), reference(image)) < 1e-12

@@ -212,7 +212,9 @@ def tap_backward_applies(conv: nn.Module) -> bool:
     parametrization."""
     # The module dictionaries directly: nn.Module.__getattr__ would add microseconds per conv and
     # step of host time, which a GPU step at small image sizes waits for.
-    parametrizations = conv._modules["parametrizations"]
+    parametrizations = conv._modules.get("parametrizations")
+    if parametrizations is None:  # merged (a folded BatchNorm asks its conv after merge_branch)
+        return False
     weights = parametrizations._modules["weight"]
     branch = next(iter(weights._modules.values()))
     return (torch.is_grad_enabled() and any(p.requires_grad for p in branch._parameters.values())

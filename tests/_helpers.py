@@ -93,3 +93,19 @@ def pairing_warnings(expect_fallback: bool, name: str) -> Iterator[None]:
         assert fallback, f"{name} is listed in FALLBACK_MODELS but its pairing did not fall back"
     else:
         assert not fallback, f"unexpected PairingFallbackWarning for {name}: {fallback[0].message}"
+
+
+def recorded_figures(monkeypatch, module: str) -> list:
+    """The matplotlib figures that ``module`` (e.g. ``"timm_branch.evaluate.plots"``) makes from
+    now on, in order; its PNGs are written as usual."""
+    from matplotlib.figure import Figure
+
+    made = []
+
+    class Recorded(Figure):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(f"{module}.Figure", Recorded)
+    return made

@@ -7,6 +7,7 @@ import pytest
 
 from test_evaluate_report import make_metrics, save_run
 from timm_branch.cli.report import configure_parser, run_command
+from timm_branch.evaluate.metrics import ContinualMetrics
 from timm_branch.evaluate.report import CURVES_FILE
 
 
@@ -31,3 +32,15 @@ def test_report_command(tmp_path, capsys):
     assert "nowhere does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args([str(run), "--probe", "svm"])
+
+
+@pytest.mark.parametrize("tasks, why", [(0, "no run has finished a task yet"),
+                                        (2, "no finished task has accuracies to plot: the runs' data has no labelled test split")])
+def test_no_plots_says_why(tmp_path, capsys, tasks, why):
+    unscored = ContinualMetrics(num_tasks=2, meta={"strategy": "branch"})
+    for task in range(tasks):
+        unscored.add(task)  # unlabelled data: a task finishes without scores
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert run_command(parser.parse_args([str(save_run(tmp_path / "run", unscored)), "--output", str(tmp_path / "plots")])) == 0
+    assert f"no plots written: {why}" in capsys.readouterr().out

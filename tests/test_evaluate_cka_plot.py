@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from _helpers import recorded_figures
 from timm_branch.evaluate.cka_compare import CKAResult
 from timm_branch.evaluate.cka_plot import _merged_order, plot_cka
 
@@ -30,3 +31,9 @@ def test_layers_of_all_curves_on_one_axis_in_forward_order():
 def test_no_curve_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="at least one curve"):
         plot_cka({}, tmp_path / "cka.png")
+
+
+def test_a_plot_without_a_title_names_its_curves(tmp_path, monkeypatch):
+    made = recorded_figures(monkeypatch, "timm_branch.evaluate.cka_plot")
+    plot_cka({"stability": _curve(["conv1"], ["conv"], [0.9])}, tmp_path / "cka.png")
+    assert made[0].get_suptitle() == "Layer-wise linear CKA: stability"

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
+from _helpers import recorded_figures
 from timm_branch.evaluate import ContinualMetrics
-from timm_branch.evaluate.plots import DPI, plot_accuracy_curves, plot_accuracy_matrix
+from timm_branch.evaluate.plots import DPI, _spread_labels, plot_accuracy_curves, plot_accuracy_matrix
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -111,3 +112,30 @@ def test_matrix_plot_of_a_run_without_per_task_scores_says_why(tmp_path):
     unscored.add(1)
     with pytest.raises(ValueError, match=r"2 of 2 tasks finished, but none was scored per task \(the data has no labelled"):
         plot_accuracy_matrix(unscored, tmp_path / "m.png")
+
+
+def test_tasks_are_numbered_from_0_as_in_the_logs_and_folders(tmp_path, monkeypatch):
+    made = recorded_figures(monkeypatch, "timm_branch.evaluate.plots")
+    plot_accuracy_curves({"finetune": make_metrics()}, tmp_path / "curves.png")
+    plot_accuracy_matrix(make_metrics(), tmp_path / "matrix.png")
+    curves, matrix = (figure.axes[0] for figure in made)
+    assert list(curves.lines[0].get_xdata()) == [0, 1, 2]
+    assert [t.get_text() for t in matrix.get_xticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in matrix.get_yticklabels()] == ["0", "1", "2"]
+
+
+def test_end_labels_of_close_curves_are_moved_apart(tmp_path, monkeypatch):
+    made = recorded_figures(monkeypatch, "timm_branch.evaluate.plots")
+    runs = {name: make_metrics(strategy=name) for name in ("finetune", "branch", "cassle")}  # three equal curves
+    plot_accuracy_curves(runs, tmp_path / "curves.png")
+    ax = made[0].axes[0]
+    heights = sorted(text.xy[1] for text in ax.texts)
+    low, high = ax.get_ylim()
+    assert len(heights) == 3 and min(b - a for a, b in zip(heights, heights[1:])) >= 0.05 * (high - low)
+
+
+def test_spread_labels():
+    assert _spread_labels([10.0, 50.0, 30.0], 5.0) == [10.0, 50.0, 30.0]  # already apart: unchanged
+    assert _spread_labels([30.0, 30.0, 30.0], 4.0) == [26.0, 30.0, 34.0]  # a cluster spaced around its mean
+    assert _spread_labels([30.0, 31.0, 60.0], 4.0) == [28.5, 32.5, 60.0]
+    assert _spread_labels([30.0, 31.0, 35.0], 4.0) == [28.0, 32.0, 36.0]  # the pushed-up label meets the next

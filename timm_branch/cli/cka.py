@@ -80,7 +80,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--seed", type=int, default=0, help="shuffling, subset and random-init seed")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--output", type=Path, metavar="DIR", help="write DIR/cka.json and DIR/cka.png")
-    parser.add_argument("--title", default=None, help="plot title")
+    parser.add_argument("--title", default=None, help="plot title (default: the models each curve compares)")
     return parser
 
 
@@ -270,6 +270,11 @@ def run_command(args: argparse.Namespace) -> int:
         meta = {"data": data, "run": None if args.run is None else str(args.run), "task": args.task,
                 "split": args.split, "image_size": size}
         json_path = save_results(results, Path(args.output) / "cka.json", meta)
-        png_path = plot_cka(results, Path(args.output) / "cka.png", title=args.title)
+        png_path = plot_cka(results, Path(args.output) / "cka.png", title=args.title or _title(results))
         print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+def _title(results: dict[str, CKAResult]) -> str:
+    """The plot's default title: each curve with the two models it compares."""
+    return "Linear CKA: " + "; ".join(f"{name} {r.meta['model_a']} vs {r.meta['model_b']}" for name, r in results.items())

@@ -44,5 +44,13 @@ def run_command(args: argparse.Namespace) -> int:
         for path in written:
             print(f"  {path.name}")
     else:
-        print("no plots written: no run has an evaluation yet")
+        print(f"no plots written: {_why_no_plots(runs)}")
     return 0
+
+
+def _why_no_plots(runs) -> str:
+    """Why no run gave a plot: no task finished yet, or the tasks were not scored (unlabelled data)."""
+    if not any(metrics.rows for metrics in runs.values()):
+        return "no run has finished a task yet"
+    return ("no finished task has accuracies to plot: the runs' data has no labelled test split, so the tasks "
+            "were trained but not scored")

@@ -51,7 +51,8 @@ def plot_cka(results: Mapping[str, CKAResult], path: str | Path, title: str | No
     x: layer index (execution order, all curves on one axis); y: mean CKA with a band of +- one
     std; one line style per curve; a marker per layer whose shape and colour give its type
     (legend at the bottom); block outputs are named on the top axis. Layers with an undefined
-    CKA (NaN: constant output) leave a gap in the line and a grey cross at the bottom.
+    CKA (NaN: constant output) leave a gap in the line and a grey cross at the bottom. ``title``
+    heads the figure; without one, ``"Layer-wise linear CKA: <curve names>"``.
     """
     if not results:
         raise ValueError("plot_cka needs at least one curve")
@@ -107,8 +108,7 @@ def plot_cka(results: Mapping[str, CKAResult], path: str | Path, title: str | No
         top.set_xticks([i for i, _ in blocks], labels=[n for _, n in blocks], rotation=90, fontsize=6)
         for i, _ in blocks:
             ax.axvline(i, color=_TYPE_STYLE["block"][0], alpha=0.12, linewidth=0.8, zorder=0)
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title or f"Layer-wise linear CKA: {', '.join(results)}")
     fig.legend(handles=curve_handles + type_handles, loc="outside lower center",
                ncol=min(len(curve_handles) + len(type_handles), 7), fontsize=8, frameon=False)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

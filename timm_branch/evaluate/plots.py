@@ -5,8 +5,8 @@ Both functions draw on a :class:`matplotlib.figure.Figure` with its own Agg canv
 in a process that uses matplotlib for something else. Each PNG is written atomically
 (temporary file in the target folder, then ``os.replace``), so a reader never sees a half file.
 
-Tasks are numbered from 1 in the plots (``task 1 .. T``), as in papers; ``metrics.json`` and
-:class:`~timm_branch.evaluate.metrics.ContinualMetrics` count from 0.
+Tasks are numbered from 0 in the plots (``task 0 .. T-1``), as everywhere else: the logs, the
+``task-K`` folders, ``metrics.json`` and :class:`~timm_branch.evaluate.metrics.ContinualMetrics`.
 
 Probes. Both plots take ``probe`` (``"knn"`` or ``"linear"``). A run recorded without that probe
 (``linear_probe: false`` in its configuration) falls back to the other probe, and the plot says
@@ -32,6 +32,8 @@ __all__ = ["PROBE_NAMES", "plot_accuracy_curves", "plot_accuracy_matrix"]
 
 PROBE_NAMES = {"knn": "kNN", "linear": "linear probe"}
 DPI = 120
+_LABEL_GAP = 0.055
+"""Least vertical distance between two end labels of the curves, as a fraction of the y-axis span."""
 
 
 def _check_probe(probe: str) -> str:
@@ -79,12 +81,13 @@ def plot_accuracy_curves(runs: Mapping[str, ContinualMetrics], path: str | os.Pa
     """All-class top-1 (%) after each task, one line per run: the papers' main figure.
 
     ``runs`` maps a legend label to a run's metrics (see
-    :func:`timm_branch.evaluate.report.load_runs`). x = task 1..T (T = the largest number of
+    :func:`timm_branch.evaluate.report.load_runs`). x = task 0..T-1 (T = the largest number of
     tasks among the runs), y = top-1 in percent on the test data of all tasks with the
     prediction over all classes. A run in progress draws the tasks done so far and its legend
     entry says ``(R/T tasks)``; a run recorded without ``probe`` is drawn with the other probe,
-    dashed, and its legend entry says which. Runs with no evaluation yet are left out. Returns
-    the path of the PNG.
+    dashed, and its legend entry says which. Runs with no evaluation yet are left out. With up to
+    6 runs each line ends in its last value, the labels moved apart where they would overlap.
+    Returns the path of the PNG.
 
     Raises ``ValueError`` when no run has a top-1 value for either probe.
     """
@@ -107,14 +110,14 @@ def plot_accuracy_curves(runs: Mapping[str, ContinualMetrics], path: str | os.Pa
     num_tasks = max(metrics.num_tasks for metrics in runs.values())
     figure = _new_figure(6.4, 4.2)
     ax = figure.add_subplot()
+    ends = []  # (x, value, colour) of each line's last value
     for label, values, fallback in lines:
-        x = list(range(1, len(values) + 1))
+        x = list(range(len(values)))
         line, = ax.plot(x, values, marker="o", markersize=5, linewidth=1.8, linestyle="--" if fallback else "-", label=label)
         last = max((i for i, v in enumerate(values) if not math.isnan(v)), default=None)
-        if last is not None and len(lines) <= 6:
-            ax.annotate(f"{values[last]:.1f}", (x[last], values[last]), xytext=(5, 0), textcoords="offset points",
-                        va="center", fontsize=8, color=line.get_color())
-    ax.set_xlim(0.7, num_tasks + 0.3 + (0.35 if len(lines) <= 6 else 0))
+        if last is not None:
+            ends.append((x[last], values[last], line.get_color()))
+    ax.set_xlim(-0.3, num_tasks - 0.7 + (0.35 if len(lines) <= 6 else 0))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(num_tasks, 12)))
     ax.set_xlabel("after training task")
     ax.set_ylabel("top-1 accuracy, all classes (%)")
@@ -123,6 +126,8 @@ def plot_accuracy_curves(runs: Mapping[str, ContinualMetrics], path: str | os.Pa
         low, high = min(finite), max(finite)
         pad = max(2.0, 0.12 * (high - low))
         ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
+    if len(lines) <= 6:
+        _label_ends(ax, ends)
     ax.grid(True, alpha=0.3)
     ax.set_title(f"All-class top-1 after each task ({PROBE_NAMES[probe]})")
     ax.legend(loc="best", fontsize=8, frameon=True)
@@ -132,7 +137,7 @@ def plot_accuracy_curves(runs: Mapping[str, ContinualMetrics], path: str | os.Pa
 def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, probe: str = "linear", title: str | None = None) -> Path:
     """Heatmap of ``A[i][j]`` in percent, the number written in each cell.
 
-    Rows ``after task i``, columns ``task j`` (i, j = 1..T). The colour scale is fixed to
+    Rows ``after task i``, columns ``task j`` (i, j = 0..T-1). The colour scale is fixed to
     0-100 % so heatmaps of different runs compare by eye. Cells on the diagonal (the task just
     trained) are outlined; cells right of it show tasks not trained yet (the basis of forward
     transfer). A run in progress has grey, empty rows for the tasks still to come. A run
@@ -177,8 +182,8 @@ def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, pro
 
     ticks = list(range(T))
     step = max(1, math.ceil(T / 20))
-    ax.set_xticks(ticks[::step], [str(j + 1) for j in ticks[::step]])
-    ax.set_yticks(ticks[::step], [str(i + 1) for i in ticks[::step]])
+    ax.set_xticks(ticks[::step], [str(j) for j in ticks[::step]])
+    ax.set_yticks(ticks[::step], [str(i) for i in ticks[::step]])
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
     ax.xaxis.set_label_position("top")
@@ -193,6 +198,43 @@ def plot_accuracy_matrix(metrics: ContinualMetrics, path: str | os.PathLike, pro
         heading += f"\nin progress: {R}/{T} tasks"
     ax.set_title(heading, fontsize=10)
     return _save(figure, path)
+
+
+def _spread_labels(values: list[float], gap: float) -> list[float]:
+    """Heights for labels of ``values`` (one each, same order) at least ``gap`` apart: each
+    cluster of too-close values is spaced by ``gap`` around its own mean, so labels stay beside
+    their points; values already ``gap`` apart keep their height."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    clusters: list[list[int]] = []  # runs of indices, in rising value, each spaced by gap
+    for k in order:
+        clusters.append([k])
+        while len(clusters) > 1:  # merge while a cluster's lowest label would overlap the one below
+            below, above = clusters[-2], clusters[-1]
+            if _placed(values, below, gap)[-1] + gap <= _placed(values, above, gap)[0] + 1e-12:
+                break
+            clusters[-2:] = [below + above]
+    heights = [0.0] * len(values)
+    for cluster in clusters:
+        for k, y in zip(cluster, _placed(values, cluster, gap)):
+            heights[k] = y
+    return heights
+
+
+def _placed(values: list[float], cluster: list[int], gap: float) -> list[float]:
+    """The heights of a cluster's labels: ``gap`` apart, centred on the mean of its values."""
+    centre = sum(values[k] for k in cluster) / len(cluster)
+    return [centre + gap * (i - (len(cluster) - 1) / 2) for i in range(len(cluster))]
+
+
+def _label_ends(ax, ends: list[tuple[int, float, str]]) -> None:
+    """Write each line's last value beside it, labels at one x moved apart (:func:`_spread_labels`)."""
+    low, high = ax.get_ylim()
+    for x in sorted({x for x, _, _ in ends}):
+        here = [(value, colour) for at, value, colour in ends if at == x]
+        heights = _spread_labels([value for value, _ in here], _LABEL_GAP * (high - low))
+        for (value, colour), y in zip(here, heights):
+            ax.annotate(f"{value:.1f}", (x, y), xytext=(5, 0), textcoords="offset points", va="center", fontsize=8,
+                        color=colour, annotation_clip=False)
 
 
 def _colormap():

@@ -160,3 +160,36 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monke
     monkeypatch.undo()
     assert (tmp_path / "metrics.json").read_text() == old
     assert sorted(os.listdir(tmp_path)) == ["accuracy_matrix.csv", "metrics.json"]
+
+
+CURVE = [{"epoch": 1, "loss": 4.9, "lr": 0.3}, {"epoch": 2, "loss": 4.7, "lr": 0.15}]
+
+
+def test_each_row_keeps_its_training_curve_and_version_1_files_still_read(tmp_path):
+    metrics = ContinualMetrics(num_tasks=3)
+    metrics.add(0, knn_top1=0.5, epochs=CURVE, seconds=1.0)
+    metrics.add(1, knn_top1=0.6, epochs=[{"epoch": 1, "loss": None, "lr": 0.3}])  # a non-finite mean loss
+    metrics.save(tmp_path)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["version"] == 2 and data["rows"][0]["epochs"] == CURVE and data["rows"][0]["extra"] == {"seconds": 1.0}
+    assert ContinualMetrics.load(tmp_path).rows[1].epochs == [{"epoch": 1, "loss": None, "lr": 0.3}]
+    # A file of version 1 (no training curves) reads as before.
+    data["version"] = 1
+    for row in data["rows"]:
+        del row["epochs"]
+    old = ContinualMetrics.from_dict(data)
+    assert [row.epochs for row in old.rows] == [None, None] and old.rows[0].knn_top1 == 0.5
+    data["version"] = 3
+    with pytest.raises(ValueError, match="version 3 .*reads 1, 2"):
+        ContinualMetrics.from_dict(data)
+
+
+@pytest.mark.parametrize("epochs, problem", [
+    ([{"epoch": 2, "loss": 1.0, "lr": 0.1}], "expected 1"),
+    ([{"epoch": 1, "loss": float("nan"), "lr": 0.1}], "finite"),
+    ([{"epoch": 1, "loss": 1.0, "lr": -0.1}], "finite"),
+    ([{"epoch": 1, "loss": 1.0}], "keys epoch, loss and lr"),
+])
+def test_a_bad_training_curve_is_refused(epochs, problem):
+    with pytest.raises(ValueError, match=problem):
+        ContinualMetrics(num_tasks=2).add(0, knn_top1=0.5, epochs=epochs)

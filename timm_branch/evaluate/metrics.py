@@ -59,7 +59,10 @@ METRICS_FILE = "metrics.json"
 MATRIX_CSV = "accuracy_matrix.csv"
 PROBES: tuple[str, ...] = ("knn", "linear")
 FORMAT = "timm-branch-metrics"
-VERSION = 1
+VERSION = 2
+"""The version :meth:`ContinualMetrics.to_dict` writes; 2 added each row's training curve (``epochs``)."""
+READABLE_VERSIONS = (1, 2)
+"""The versions :meth:`ContinualMetrics.from_dict` reads (a version-1 row has no training curve)."""
 
 DEFINITIONS = {
     "accuracy_matrix": "A[i][j] = top-1 accuracy (fraction in [0, 1]) on task j's test data after training task i",
@@ -216,6 +219,10 @@ class TaskEvaluation:
         knn_top1, linear_top1: top-1 on the test data of all tasks, all classes, in [0, 1].
         knn_per_task, linear_per_task: accuracy on each task's test data (length T), in [0, 1]
             (see :func:`per_task_accuracy`); row ``task`` of that probe's accuracy matrix.
+        epochs: the task's training curve, one ``{"epoch": E, "loss": L, "lr": R}`` per epoch: ``E``
+            1-based as in the logs, ``L`` the mean loss of the epoch's steps (``None`` when it was not
+            finite), ``R`` the learning rate when the epoch ended; ``None`` when not recorded (the
+            random-init row, a recovered row, a version-1 file).
         extra: any JSON-serialisable values to keep with the row (epoch, seconds, ...).
     """
 
@@ -224,6 +231,7 @@ class TaskEvaluation:
     linear_top1: float | None = None
     knn_per_task: list[float] | None = None
     linear_per_task: list[float] | None = None
+    epochs: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def per_task(self, probe: str) -> list[float] | None:
@@ -242,6 +250,7 @@ class TaskEvaluation:
             "linear_top1": self.linear_top1,
             "knn_per_task": None if self.knn_per_task is None else list(self.knn_per_task),
             "linear_per_task": None if self.linear_per_task is None else list(self.linear_per_task),
+            "epochs": None if self.epochs is None else [dict(e) for e in self.epochs],
             "extra": dict(self.extra),
         }
 
@@ -254,8 +263,25 @@ class TaskEvaluation:
             linear_top1=data.get("linear_top1"),
             knn_per_task=data.get("knn_per_task"),
             linear_per_task=data.get("linear_per_task"),
+            epochs=data.get("epochs"),
             extra=dict(data.get("extra") or {}),
         )
+
+
+def _epoch_records(epochs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``epochs`` (see :class:`TaskEvaluation`) checked: epochs 1, 2, ... in order, a finite loss or
+    ``None``, a finite non-negative learning rate."""
+    records = []
+    for k, entry in enumerate(epochs):
+        if not isinstance(entry, dict) or set(entry) != {"epoch", "loss", "lr"}:
+            raise ValueError(f"epochs[{k}] must be a dict with the keys epoch, loss and lr, got {entry!r}")
+        if entry["epoch"] != k + 1:
+            raise ValueError(f"epochs[{k}] is epoch {entry['epoch']!r}, expected {k + 1}: one entry per epoch, in order")
+        loss, lr = entry["loss"], float(entry["lr"])
+        if loss is not None and not math.isfinite(float(loss)) or not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"epochs[{k}] = {entry!r}: the loss must be finite or None, the lr finite and >= 0")
+        records.append({"epoch": int(entry["epoch"]), "loss": None if loss is None else float(loss), "lr": lr})
+    return records
 
 
 def _probe(probe: str) -> str:
@@ -318,6 +344,8 @@ class ContinualMetrics:
                 if len(per_task) != self.num_tasks:
                     raise ValueError(f"{probe}_per_task has {len(per_task)} values, expected num_tasks = {self.num_tasks}")
                 setattr(row, f"{probe}_per_task", [_fraction(a, f"{probe}_per_task[{j}]") for j, a in enumerate(per_task)])
+        if row.epochs is not None:
+            row.epochs = _epoch_records(row.epochs)
         _json_ok(row.extra, "extra")
 
     def add(
@@ -328,13 +356,15 @@ class ContinualMetrics:
         linear_top1: float | None = None,
         knn_per_task: Sequence[float] | None = None,
         linear_per_task: Sequence[float] | None = None,
+        epochs: Sequence[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> TaskEvaluation:
         """Record the evaluation after training ``task`` (0-based) and return the row.
 
         Tasks come in order: ``task`` must be ``len(rows)`` (the next one) or an earlier task.
         Recording an earlier task t again (a resumed run that redoes task t) replaces row t and
-        drops rows t+1.. . Accuracies are fractions in [0, 1]; per-task lists have T values.
+        drops rows t+1.. . Accuracies are fractions in [0, 1]; per-task lists have T values;
+        ``epochs`` is the task's training curve (see :class:`TaskEvaluation`).
         """
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"task must be in [0, {self.num_tasks}), got {task}")
@@ -346,6 +376,7 @@ class ContinualMetrics:
             linear_top1=linear_top1,
             knn_per_task=None if knn_per_task is None else list(knn_per_task),
             linear_per_task=None if linear_per_task is None else list(linear_per_task),
+            epochs=None if epochs is None else list(epochs),
             extra=extra,
         )
         self._validate(row, expect_task=task)
@@ -439,8 +470,9 @@ class ContinualMetrics:
         """Inverse of :meth:`to_dict` (``summary`` and ``definitions`` are recomputed, not read)."""
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} record (format = {data.get('format')!r})")
-        if data.get("version") != VERSION:
-            raise ValueError(f"unsupported {FORMAT} version {data.get('version')!r} (this code reads {VERSION})")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"unsupported {FORMAT} version {data.get('version')!r} (this code reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; a newer timm-branch wrote it?)")
         random_init = data.get("random_init")
         return cls(
             num_tasks=int(data["num_tasks"]),

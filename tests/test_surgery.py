@@ -242,3 +242,30 @@ def test_branches_added_on_a_submodule_merge_from_the_wrapper(image):
     tb.merge_branches(wrapper)
     assert max_rel_err(wrapper(image), branched) <= 1e-10 and _snapshot(wrapper) == before
     assert len(tb.branch_history(wrapper[0])) == 1
+
+
+@pytest.mark.parametrize("shape", ["cross", "cross-pair"])
+def test_a_branched_model_pickles_and_loads_as_it_was(shape, resnet18, image):
+    """torch.save(model) while branches are attached (parametrize alone refuses it): the loaded
+    model computes the same, trains its own branches, and merges into the stock model."""
+    import io
+
+    model = tb.add_branches(resnet18, shape=shape).train()
+    perturb_branches(model, std=1e-2)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.bn1._fold.conv is loaded.conv1  # the fold's shared state is the loaded pair's
+    loaded.train()
+    assert not loaded.bn1.training  # still pinned by the frozen policy
+    with torch.no_grad():
+        assert torch.equal(loaded(image), model(image))
+    grads = [torch.autograd.grad(m(image).pow(2).sum(), list(tb.branch_parameters(m))) for m in (model, loaded)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    tb.merge_branches(model)
+    tb.merge_branches(loaded)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    assert type(loaded.conv1) is nn.Conv2d and type(loaded.bn1) is nn.BatchNorm2d
+    state = loaded.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -19,7 +19,7 @@ under ``"train"``.
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import Literal
 
 from torch import nn
@@ -52,7 +52,8 @@ def apply_policy(bn: nn.Module, policy: str) -> None:
     if policy == "frozen":
         nn.Module.train(bn, False)
         # An instance attribute shadows Module.train, so model.train() leaves this layer in eval.
-        bn.train = types.MethodType(_stay_in_eval, bn)
+        # A partial, not a bound method: it pickles (torch.save(model)) and deep-copies.
+        bn.train = functools.partial(_stay_in_eval, bn)
 
 
 def release(bn: nn.Module, training: bool) -> None:

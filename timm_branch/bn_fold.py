@@ -82,8 +82,7 @@ def fold(conv: nn.Module, norm: nn.Module) -> None:
     # Plain attributes (object.__setattr__ skips nn.Module's submodule registration).
     object.__setattr__(conv, "_fold", shared)
     object.__setattr__(norm, "_fold", shared)
-    # The layer's own subclass, as torch.nn.utils.parametrize makes one for a parametrized conv.
-    norm.__class__ = type(f"Folded{type(norm).__name__}", (type(norm),), {"forward": _folded_forward})
+    norm.__class__ = _folded_class(type(norm))
 
 
 def unfold(norm: nn.Module) -> None:
@@ -96,6 +95,23 @@ def unfold(norm: nn.Module) -> None:
 def is_folded(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm layer folded into its conv."""
     return isinstance(module.__dict__.get("_fold"), Fold) and module.__dict__["_fold"].norm is module
+
+
+def _folded_class(base: type) -> type:
+    """The layer's own subclass, as torch.nn.utils.parametrize makes one for a parametrized conv."""
+    return type(f"Folded{base.__name__}", (base,), {"forward": _folded_forward, "__reduce_ex__": _reduce_folded})
+
+
+def _reduce_folded(self: nn.Module, protocol: int) -> tuple:
+    """Pickling (``torch.save(model)``): on load :func:`_new_folded` remakes the class, the state
+    (with the shared :class:`Fold`) fills it as for any module."""
+    return _new_folded, (type(self).__bases__[0],), self.__dict__
+
+
+def _new_folded(base: type) -> nn.Module:
+    norm = base.__new__(base)
+    norm.__class__ = _folded_class(base)
+    return norm
 
 
 def _folded_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

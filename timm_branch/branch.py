@@ -188,10 +188,33 @@ def attach_branch(conv: nn.Module, shape: str = "cross") -> ConvBranch:
     branch.geometry = _plain_geometry(conv)
     # unsafe=True skips a trial forward: ConvBranch keeps shape and dtype by construction.
     parametrize.register_parametrization(conv, "weight", branch, unsafe=True)
-    if branch.geometry is not None:
-        # The class parametrize just made is this conv's own (and its deep copies').
-        type(conv).forward = _branched_forward
+    _equip(type(conv), branch.geometry is not None)
     return branch
+
+
+def _equip(cls: type, plain: bool) -> None:
+    """Give the class parametrize made for one conv (its own, and its deep copies') the tap-only
+    forward (``plain``) and pickling."""
+    if plain:
+        cls.forward = _branched_forward
+    cls.__reduce_ex__ = _reduce_branched
+
+
+def _reduce_branched(self: nn.Module, protocol: int) -> tuple:
+    """Pickling (``torch.save(model)``) of a branched conv, which parametrize's class refuses: on
+    load, :func:`_new_branched` remakes the class and the state fills it as for any module."""
+    return _new_branched, (type(self).__bases__[0], type(self).forward is _branched_forward), self.__dict__
+
+
+def _new_branched(base: type, plain: bool) -> nn.Module:
+    """An empty conv of class ``base`` made parametrized on ``weight`` as :func:`attach_branch`
+    leaves it; unpickling then sets its state (parameters, the parametrization, the branch)."""
+    conv = base.__new__(base)
+    # What register_parametrization does to the class, without a module to register yet.
+    parametrize._inject_new_class(conv)
+    parametrize._inject_property(conv, "weight")
+    _equip(type(conv), plain)
+    return conv
 
 
 def _plain_geometry(conv: nn.Module) -> ConvGeometry | None:

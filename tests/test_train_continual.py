@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from _faults import tiny_config, tiny_images
 from timm_branch.bn import is_batchnorm
+from timm_branch.evaluate import ContinualMetrics
 from timm_branch.branch import tap_indices
 from timm_branch.pairs import find_conv_bn_pairs, find_conv_norm_pairs, is_conv, norm_kind
 from timm_branch.train import checkpoint as ckpt
@@ -148,6 +149,34 @@ def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatc
     assert (resumed / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     assert ckpt.read_task_state(resumed.parent, 1).keys() == ckpt.read_task_state(reference.parent, 1).keys()
     assert all(torch.equal(v, ckpt.read_task_state(reference.parent, 1)[k]) for k, v in ckpt.read_task_state(resumed.parent, 1).items())
+    # The training curve of the interrupted task, its epoch before the crash included (kept in the checkpoint).
+    curves = [[row.epochs for row in ContinualMetrics.load(run.parent).rows] for run in (resumed, reference)]
+    assert curves[0] == curves[1] and len(curves[0][1]) == config["epochs"]
+
+
+def test_images_too_small_for_the_model_name_the_flag_before_anything_trains(tmp_path):
+    with pytest.raises(ValueError, match=r"image_size=16 is too small for vgg11_bn: .*Output size is too small\); "
+                                         r"raise --image-size \(32 works\)"):
+        ContinualRun(_config(tmp_path, model="vgg11_bn", image_size=16, strategy="finetune"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_logs_show_the_eta_and_learning_against_random_init_and_metrics_keep_the_curve(tmp_path, caplog):
+    caplog.set_level("INFO", logger="timm_branch.train")
+    run_dir = ContinualRun(_config(tmp_path, epochs=2), progress=False).run().parent
+    metrics = ContinualMetrics.load(run_dir)
+    said = [r.getMessage() for r in caplog.records if r.name == "timm_branch.train"]
+    random_knn = f"{metrics.random_init.knn_top1 * 100:.2f}%"
+    assert said[0] == f"before training, a random-init test_resnet: kNN top-1 {random_knn} (what each task's scores compare with)"
+    epochs = [m for m in said if " epoch " in m]
+    assert [m.split(":")[0] for m in epochs] == ["task 0 epoch 1/2", "task 0 epoch 2/2", "task 1 epoch 1/2", "task 1 epoch 2/2"]
+    assert all(", lr " in m and "; elapsed " in m for m in epochs)
+    assert all(m.endswith(" left") for m in epochs[:-1]) and not epochs[-1].endswith(" left")  # the ETA, until the end
+    done = [m for m in said if " done: " in m]
+    assert done == [f"task {t} done: kNN top-1 {row.knn_top1 * 100:.2f}% (random init {random_knn})" for t, row in enumerate(metrics.rows)]
+    for row in metrics.rows:
+        assert [e["epoch"] for e in row.epochs] == [1, 2] and all(math.isfinite(e["loss"]) for e in row.epochs)
+        assert row.epochs[0]["lr"] > row.epochs[1]["lr"] == 0  # warm-up, then the cosine schedule ends at 0
 
 
 _LOAD = textwrap.dedent(

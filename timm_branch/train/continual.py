@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,18 +50,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._offline import check_hub_reachable
 from ..branch import iter_branches
 from ..card import read_run, render_model_card
 from ..data import NORMALIZATIONS, DataSource, EvalTransform, ImageFiles, Scenario, TwoViewAugment, build_scenario, default_workers, load_source
-from ..evaluate import ContinualMetrics, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
+from ..evaluate import ContinualMetrics, TaskEvaluation, extract_features, knn_predict, linear_probe, per_task_accuracy, top1_accuracy
+from ..evaluate.metrics import PROBES
 from ..evaluate.plots import plot_accuracy_curves, plot_accuracy_matrix
 from ..evaluate.report import CURVES_FILE
-from ..export import create_architecture, create_pretrained, save_pretrained
+from ..export import LOCAL_DIR, create_architecture, create_pretrained, save_pretrained
 from ..ssl import SSLMethod, build_distiller, build_method, cosine_momentum, ema_update
 from ..surgery import add_branches, branch_parameters, merge_branches, require_norms
 from . import checkpoint as ckpt
 from . import distributed
 from .config import RESUME_MAY_CHANGE, TrainConfig
+from .eta import RunClock
 from .lock import run_folder_lock
 from .optim import build_optimizer, build_scheduler
 from .tensorboard import TensorBoardLogger
@@ -71,6 +75,11 @@ ONLINE_PROBE_LR = 0.1
 """Learning rate of the online linear probe (solo-learn's ``classifier_lr``), SGD momentum from the optimiser."""
 _PROBE_SALT = 0x5EED_0F_9B0BE
 """Mixed into an epoch's seed for the online probe's generator, so its draws are the probe's own."""
+_SCORE_NAMES = {"knn_top1": "kNN top-1", "linear_top1": "linear-probe top-1", "online_top1": "online-probe top-1"}
+"""How the per-task log line names the scores of :meth:`ContinualRun._evaluate`."""
+_TOO_SMALL = re.compile(r"too small|greater than (the )?actual input size|smaller than kernel|non-positive|"
+                        r"Calculated output size")
+"""PyTorch's messages for an input smaller than a conv's or a pooling's window."""
 _READ_BACK_EVERY = 16
 """Training steps between read-backs of their losses (each read-back waits for the GPU to catch up)."""
 
@@ -222,8 +231,11 @@ class ContinualRun:
 
     def _check_model(self) -> None:
         """Refuse, now rather than after task 0 trained, a model without a norm layer of the
-        ``norms`` kinds for a branch strategy and a ``zero_init_last`` the model's constructor does
-        not take."""
+        ``norms`` kinds for a branch strategy, a ``zero_init_last`` the model's constructor does
+        not take, ``pretrained`` weights on a Hub that cannot be reached, and images too small for
+        the model."""
+        if self.config.pretrained and not self.config.pretrained.startswith(LOCAL_DIR):
+            check_hub_reachable(self.config.pretrained)  # offline: one line now, not a minute of retries
         with torch.device("meta"):  # the architecture only: no memory, no weights
             if self.config.strategy in ("branch", "cassle+branch"):
                 require_norms(create_architecture(self.config.pretrained or self.config.model), self.config.norms)
@@ -233,6 +245,31 @@ class ContinualRun:
                 except TypeError as err:
                     raise ValueError(f"zero_init_last={self.config.zero_init_last} does not apply to {self.config.model}: "
                                      f"its constructor takes no zero_init_last ({err}); leave zero_init_last unset") from None
+        self._check_image_size()
+
+    def _check_image_size(self) -> None:
+        """Run the model on a batch of ``image_size`` images on the meta device (shapes only, no
+        compute), so that images too small for its downsampling are refused with the flag to
+        change rather than with PyTorch's message in the first step."""
+        name, size = self.config.pretrained or self.config.model, self.config.image_size
+
+        def fails(side: int) -> str | None:
+            try:
+                model(torch.empty(2, 3, side, side))
+            except RuntimeError as err:
+                # Other errors: an op the meta device cannot run; the real step will tell.
+                return str(err).splitlines()[0] if _TOO_SMALL.search(str(err)) else None
+            return None
+
+        with torch.device("meta"):
+            model = create_architecture(name, num_classes=0).eval()
+            why = fails(size)
+            if why is None:
+                return
+            larger = next((size * 2**k for k in range(1, 8) if fails(size * 2**k) is None), None)
+        hint = f" ({larger} works)" if larger is not None else ""
+        raise ValueError(f"image_size={size} is too small for {name}: its layers shrink a {size}x{size} image to "
+                         f"nothing ({why}); raise --image-size{hint}")
 
     def task_indices(self, task: int) -> torch.Tensor:
         """The indices ``(N,)`` (int64, on the CPU) into the training images of the images ``task``
@@ -389,19 +426,24 @@ class ContinualRun:
                 net.train()
         learner.method.on_epoch_start(epoch)
 
-    def _train_task(self, learner: Learner, task: int) -> None:
+    def _train_task(self, learner: Learner, task: int, clock: RunClock) -> list[dict]:
+        """Train ``task`` from its last checkpoint, if any; returns the record of every epoch of
+        the task (:meth:`_epoch_record`), those before a resume included (kept in the checkpoint)."""
         cfg = self.config
         steps = self._steps_per_epoch(task)
         total = steps * cfg.epochs
         optimizer, scheduler = self.make_optimizer(learner, total, steps * cfg.warmup_epochs)
         start = 0
+        records: list[dict] = []
         saved = ckpt.read_checkpoint(self.run_dir, task)
         if saved is not None:
             epoch, tensors, optim_state, where = saved
             ckpt.load_module_tensors(tensors, learner.trained(), where)
             optimizer.load_state_dict(optim_state["optimizer"])
             scheduler.load_state_dict(optim_state["scheduler"])
+            records = list(optim_state.get("epochs", []))  # absent from checkpoints of older versions
             start = epoch + 1
+            clock.skip(start * steps)
             log.info("task %d: resuming after epoch %d", task, epoch)
         indices = self.task_indices(task).to(self.device)
         streak = 0  # non-finite steps in a row (nonfinite="skip")
@@ -415,6 +457,7 @@ class ContinualRun:
                        disable=not (self.progress and distributed.is_main_process()), leave=False)
             started = time.perf_counter()
             pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
+            loss_sum = 0.0  # of the losses read back this epoch (all of them at its end)
             for step, batch in zip(bar, batches):
                 probe = None if probe_gen is None else self._probe_batch(probe_gen)
                 try:
@@ -429,15 +472,27 @@ class ContinualRun:
                 pending = []
                 for i, value in enumerate(values):
                     streak = self._count_nonfinite(value, streak, f"task {task}, epoch {epoch + 1}, step {first + i}")
+                loss_sum += sum(values)
                 rate = (step + 1) * cfg.batch_size / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.0f}")
-            log.info("task %d epoch %d/%d: loss %.4f", task, epoch + 1, cfg.epochs, values[-1])
+            record = self._epoch_record(epoch, loss_sum / steps, optimizer)
+            records.append(record)
+            log.info("task %d epoch %d/%d: loss %.4f, lr %.4g; %s", task, epoch + 1, cfg.epochs, loss_sum / steps,
+                     record["lr"], clock.advance(steps))
             if distributed.is_main_process():  # every rank holds the same state; one writes it
-                self.tensorboard.log_epoch(task * cfg.epochs + epoch + 1, values[-1], optimizer.param_groups[0]["lr"])
+                self.tensorboard.log_epoch(task * cfg.epochs + epoch + 1, record["loss"], record["lr"])
                 ckpt.write_checkpoint(
                     self.run_dir, task, epoch, ckpt.module_tensors(learner.trained()),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epochs": records},
                 )
+        return records
+
+    @staticmethod
+    def _epoch_record(epoch: int, loss: float, optimizer: torch.optim.Optimizer) -> dict:
+        """One epoch's line of ``metrics.json``'s training curve: ``epoch`` (1-based, as logged), the
+        mean loss of its steps (skipped non-finite steps make it non-finite: then ``None``) and the
+        learning rate of the first parameter group when the epoch ended."""
+        return {"epoch": epoch + 1, "loss": loss if math.isfinite(loss) else None, "lr": optimizer.param_groups[0]["lr"]}
 
     def _count_nonfinite(self, loss: float, streak: int, where: str) -> int:
         """The number of non-finite steps in a row, ``loss``'s step included; raises
@@ -538,10 +593,11 @@ class ContinualRun:
                 ema_update(online, target, m)
         return loss.detach()
 
-    def _finish_task(self, learner: Learner, task: int, metrics: ContinualMetrics | None, started: float) -> dict | None:
-        """Merge, then on rank 0 evaluate, add the scores to ``metrics`` (in memory: ``metrics.json``
-        is saved after the folder) and write ``task-K`` with a card that reports them; returns the
-        scores (``None`` on the other ranks)."""
+    def _finish_task(self, learner: Learner, task: int, metrics: ContinualMetrics | None, started: float,
+                     epochs: list[dict]) -> dict | None:
+        """Merge, then on rank 0 evaluate, add the scores and the training curve ``epochs`` to
+        ``metrics`` (in memory: ``metrics.json`` is saved after the folder) and write ``task-K`` with
+        a card that reports them; returns the scores (``None`` on the other ranks)."""
         for net in (learner.backbone, learner.momentum):
             if net is not None and next(iter_branches(net), None) is not None:
                 merge_branches(net)
@@ -549,7 +605,8 @@ class ContinualRun:
         if not distributed.is_main_process():  # every rank merged; one writes
             return None
         scores = self._evaluate(learner.backbone, learner.probe) or {}
-        metrics.add(task, **scores, seconds=round(time.perf_counter() - started, 2), images=len(self.task_indices(task)))
+        metrics.add(task, **scores, epochs=epochs, seconds=round(time.perf_counter() - started, 2),
+                    images=len(self.task_indices(task)))
         trainer_tensors = ckpt.module_tensors(learner.kept())
         info = {"task": task, "strategy": self.config.strategy, "method": self.config.method,
                 "branches": self._uses_branches(task), "cassle": self._uses_cassle(task)}
@@ -632,12 +689,13 @@ class ContinualRun:
         metrics = self._open_metrics(resume, done) if main else None
         if main and resume:
             self._push_pending()
+        clock = RunClock(sum(self._steps_per_epoch(t) for t in range(done, len(self.scenario))) * self.config.epochs)
         for task in range(done, len(self.scenario)):
             started = time.perf_counter()
             self.prepare_task(learner, task)
             with self.task_encoders(learner):
-                self._train_task(learner, task)
-            scores = self._finish_task(learner, task, metrics, started)
+                epochs = self._train_task(learner, task, clock)
+            scores = self._finish_task(learner, task, metrics, started, epochs)
             if main:
                 self._record_task(metrics, task, scores)
             # The next task reads checkpoint.json, which rank 0 has just removed: wait for its writes.
@@ -673,6 +731,8 @@ class ContinualRun:
             scores = self._evaluate(self._new_backbone(random_init=True).eval())
             if scores is not None:
                 metrics.set_random_init(**scores)
+                log.info("before training, a random-init %s: %s (what each task's scores compare with)",
+                         self.config.pretrained or self.config.model, _top1_text(scores))
         return metrics
 
     @contextlib.contextmanager
@@ -703,7 +763,7 @@ class ContinualRun:
         cfg = self.config
         metrics.save(self.run_dir)
         self._plot(metrics)
-        self._log_task(task, scores)
+        self._log_task(task, scores, metrics.random_init)
         self.tensorboard.log_task(task, scores, metrics)
         if cfg.push_to_hub and (cfg.push_when == "task" or task == len(self.scenario) - 1):
             self._push_pending(task)
@@ -762,6 +822,20 @@ class ContinualRun:
                 "through": list(self.config.through), "seed": self.config.seed,
                 "data": list(self.config.data), "scenario": self.scenario.kind}
 
-    def _log_task(self, task: int, scores: dict) -> None:
-        parts = [f"{k} {v * 100:.2f}%" for k, v in scores.items() if k.endswith("top1")]
-        log.info("task %d done: %s", task, ", ".join(parts) or "no labels to evaluate")
+    def _log_task(self, task: int, scores: dict, random_init: TaskEvaluation | None) -> None:
+        """``task``'s top-1 scores, each beside the random-init network's (the sign of learning
+        that a slowly falling SSL loss does not give)."""
+        baseline = {} if random_init is None else {f"{p}_top1": random_init.top1(p) for p in PROBES}
+        log.info("task %d done: %s", task, _top1_text(scores, baseline) or "no labels to evaluate")
+
+
+def _top1_text(scores: dict, baseline: dict | None = None) -> str:
+    """``"kNN top-1 41.20% (random init 30.10%), ..."`` of the ``*_top1`` entries of ``scores``."""
+    parts = []
+    for key, value in scores.items():
+        if not key.endswith("_top1"):
+            continue
+        before = (baseline or {}).get(key)
+        parts.append(f"{_SCORE_NAMES.get(key, key)} {value * 100:.2f}%"
+                     + ("" if before is None else f" (random init {before * 100:.2f}%)"))
+    return ", ".join(parts)

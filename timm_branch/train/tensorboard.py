@@ -4,8 +4,8 @@
 ``RUN_DIR/tensorboard/``, beside the run's ``metrics.json``, ``accuracy_matrix.csv`` and PNGs
 (``tensorboard --logdir runs/`` compares runs). Scalars:
 
-- ``train/loss``, ``train/lr``: the last step's loss and the learning rate at the end of every
-  epoch; the step is the number of epochs trained since the run began (``task * epochs + epoch + 1``);
+- ``train/loss``, ``train/lr``: the mean loss of the epoch's steps and the learning rate at the
+  end of every epoch (the training curve ``metrics.json`` keeps too); the step is the number of epochs trained since the run began (``task * epochs + epoch + 1``);
 - ``eval/<probe>_top1`` (all classes) and ``eval/<probe>_task<j>`` (per task), after every task,
   at step ``task``, for each probe that was evaluated (``knn``, ``linear``, ``online``);
 - ``eval/<probe>_average_accuracy``, ``eval/<probe>_forgetting``,

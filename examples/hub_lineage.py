@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import tempfile
 
 import timm
 import torch
 
 from timm_branch.hub import HubPushError
+from timm_branch.cli import configure_logging
 from timm_branch.train import ContinualRun, TrainConfig
 
 
@@ -56,7 +56,7 @@ def main() -> None:
         args.output = args.output or tempfile.mkdtemp(prefix="hub-lineage-smoke-")
         if args.pretrained is None and not args.resume_lineage:
             args.model = args.model or "test_resnet"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()  # each record once, huggingface_hub's too
 
     # hf-hub: picks the lineage up where its last push left it; otherwise a new lineage starts.
     start = f"hf-hub:{args.repo_id}" if args.resume_lineage else (None if args.model else args.pretrained or "resnet18.a1_in1k")

@@ -21,7 +21,6 @@ it, Branch-tuning starts at the first task, so what the model knew is kept as it
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from PIL import Image
 import timm_branch
 from timm_branch.data import IMAGE_EXTENSIONS
 from timm_branch.evaluate.report import CURVES_FILE, load_runs, markdown_table
+from timm_branch.cli import configure_logging
 from timm_branch.train import ContinualRun, TrainConfig
 
 
@@ -86,7 +86,7 @@ def main() -> None:
             start = timm_branch.save_pretrained(timm.create_model("test_resnet", num_classes=0), scratch / "start")
             pretrained = f"local-dir:{start}"
     args.output = args.output or "runs/own-images"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # per-epoch losses
+    configure_logging()  # per-epoch losses
 
     config = TrainConfig(
         model=args.model or TrainConfig.model,

@@ -18,6 +18,7 @@ from torch import nn
 
 from ._io import (CorruptFileError, atomic_write_text, fsync_path, read_json, read_safetensors, sha256_file,
                   staging_folder, write_safetensors)
+from ._offline import explain_missing_weights
 from ._version import __version__
 from .branch import iter_branches
 from .card import render_model_card
@@ -157,7 +158,8 @@ def create_architecture(name: str, **kwargs) -> nn.Module:
     a checked config so that a damaged one is named (:class:`~timm_branch._io.CorruptFileError`).
     Build it under ``torch.device("meta")`` to get the shapes without memory."""
     if not name.startswith(LOCAL_DIR):
-        return timm.create_model(name, pretrained=False, **kwargs)
+        with explain_missing_weights(name):  # an hf-hub: name fetches its config.json
+            return timm.create_model(name, pretrained=False, **kwargs)
     folder = Path(name[len(LOCAL_DIR):])
     config = read_config(folder)
     args = {**config.get("model_args", {}), **kwargs}
@@ -233,9 +235,11 @@ def _check_fits(tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
 
 def create_pretrained(name: str, **kwargs) -> nn.Module:
     """``timm.create_model(name, pretrained=True, **kwargs)``, with a ``local-dir:`` folder checked
-    first, so that a missing, damaged or mismatched file is named in the error."""
+    first, so that a missing, damaged or mismatched file is named in the error; weights that are
+    neither in the Hugging Face cache nor fetchable are one line (:mod:`timm_branch._offline`)."""
     if not name.startswith(LOCAL_DIR):
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with explain_missing_weights(name):
+            return timm.create_model(name, pretrained=True, **kwargs)
     folder = Path(name[len(LOCAL_DIR):])
     architecture = read_config(folder)["architecture"]
     with torch.device("meta"):

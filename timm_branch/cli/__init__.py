@@ -24,7 +24,7 @@ from ..train.config import TrainConfig
 from . import cka, push, report, train
 from ._config_flags import ConfigDefaultsFormatter
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "configure_logging", "main"]
 
 _COMMANDS = {"train": train, "report": report, "cka": cka, "push": push}
 
@@ -49,10 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """INFO and above on stderr, each record once, timed: one handler, on the root logger.
+
+    huggingface_hub gives its own logger a handler too, so each of its records (a retry, a
+    warning) would print twice, once through it and once through the root's: that handler goes.
+    """
+    import huggingface_hub.utils.logging  # noqa: F401 - adds the handler that is removed here
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    hub = logging.getLogger("huggingface_hub")
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
+        hub.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``timm-branch`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     try:
         return _COMMANDS[args.command].run_command(args)
     except (ValueError, OSError, RuntimeError) as err:  # OSError: a missing file, a full disk

@@ -35,9 +35,10 @@ def run_command(args: argparse.Namespace) -> int:
     if args.resume is not None:
         saved = args.resume / "config.yaml"
         if not saved.is_file():
-            raise SystemExit(f"timm-branch: {saved} not found: --resume needs a run folder made by timm-branch train")
+            raise FileNotFoundError(f"{saved} not found: --resume needs a run folder made by timm-branch train")
         if overrides:
-            raise SystemExit(f"timm-branch: --resume continues with the saved configuration; drop {', '.join(sorted(overrides))}")
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(overrides))
+            raise ValueError(f"--resume continues with the saved configuration; drop {flags}")
         # The run lives where the user names it now: a moved or copied folder trains in place,
         # whatever output path (perhaps relative to another directory) its config.yaml recorded.
         config = dataclasses.replace(TrainConfig.from_yaml(saved), output=str(args.resume))

@@ -16,14 +16,15 @@ branch is one box per axis, the line of taps through the centre along that axis.
 tap that reads its window without padding is computed as one matrix product (a GEMM over batch
 and output pixels), which does the same arithmetic with less host work per call.
 
-On the CPU the taps' gradient is instead one matrix product for all taps at once
+On the CPU, for ungrouped convs, the taps' gradient is instead one matrix product for all taps at once
 (:func:`_gathered_tap_grad`): the input pixels each tap reads are gathered side by side (``T``
 copies of the input for ``T`` taps) and multiplied with the output gradient. oneDNN's weight
 gradient of ``k x 1`` / ``1 x k`` sub-kernels, and of any kernel on maps of a few pixels, is
 slower than that GEMM (``benchmarks/tap_grad.py``; resnet18 at 64 px on a 2-core EPYC: the cross
 taps in about half the time of the sub-convolutions, and a whole ``3 x 3`` kernel's gradient on
 ``2 x 2`` maps in a third of oneDNN's). For the whole kernel on larger maps oneDNN wins, so there
-the full weight gradient stays a convolution (:data:`_GEMM_FULL_MAX_PIXELS`).
+the full weight gradient stays a convolution (:data:`_GEMM_FULL_MAX_PIXELS`); so do grouped and
+depthwise convs, for which oneDNN was faster (:func:`_gathers`).
 
 Exactness: the forward computes the very ``W + delta`` (:meth:`ConvBranch.forward`) and the very
 convolution call of the conv class, so outputs, and therefore merges, are bit-for-bit those of the
@@ -187,7 +188,7 @@ class BranchedConv(torch.autograd.Function):
         g, plan, scale = ctx.geometry, ctx.plan, ctx.scale
         grad_out = _as(grad_out, w_eff.dtype)
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-        gathered = _gathers(x, plan, grad_out.shape[2:])
+        gathered = _gathers(x, plan, grad_out.shape[2:], g.groups)
         full = plan.boxes is None and not gathered  # the branch gradient is a convolution's weight gradient
         x_dtype, bias_dtype = ctx.dtypes
         grad_x = grad_w = grad_bias = None
@@ -256,10 +257,15 @@ GEMM of gathered taps rather than as oneDNN's weight-gradient convolution (measu
 resnet18 at 64 px on a 2-core EPYC: GEMM 3x faster on 2 x 2 maps, even on 4 x 4, 2x slower on 16 x 16)."""
 
 
-def _gathers(x: torch.Tensor, plan: TapPlan, out_size: torch.Size) -> bool:
+def _gathers(x: torch.Tensor, plan: TapPlan, out_size: torch.Size, groups: int) -> bool:
     """Whether the backward computes the taps' gradient with :func:`_gathered_tap_grad`: on the
-    CPU, for a subset of taps always, for the whole kernel on small maps only."""
-    return x.device.type == "cpu" and (plan.boxes is not None or math.prod(out_size) <= _GEMM_FULL_MAX_PIXELS)
+    CPU, for ungrouped convs, for a subset of taps always, for the whole kernel on small maps only.
+
+    Grouped and depthwise convs keep oneDNN's convolutions: there the GEMM is one small batched
+    product per group, and measured slower (a depthwise 3 x 3 at 32 x 32 px, batch 32: cross
+    taps 57 ms against 11 ms; 8 to 32 channels per group: up to 4x slower)."""
+    return x.device.type == "cpu" and groups == 1 and (
+        plan.boxes is not None or math.prod(out_size) <= _GEMM_FULL_MAX_PIXELS)
 
 
 def taps_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: ConvGeometry, plan: TapPlan,
@@ -269,7 +275,7 @@ def taps_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: 
     sub-convolution per box of taps (``kernel``: any tensor of the kernel's shape and compute
     dtype). A ``plan`` of every tap needs ``gathered``."""
     if gathered is None:
-        gathered = _gathers(x, plan, grad_out.shape[2:])
+        gathered = _gathers(x, plan, grad_out.shape[2:], g.groups)
     if gathered:
         return _gathered_tap_grad(grad_out, x, g, plan.coords)
     return _tap_grad(grad_out, x, kernel, g, plan.boxes, plan.runs)
@@ -277,9 +283,11 @@ def taps_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: 
 
 def _gathered_tap_grad(grad_out: torch.Tensor, x: torch.Tensor, g: ConvGeometry,
                        coords: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """The weight gradient ``(C_out, C_in / groups, T)`` of the ``T`` taps at ``coords`` as one
-    matrix product per group: ``grad_out`` ``(C_out, N * out pixels)`` against the pixels the taps
+    """The weight gradient ``(C_out, C_in, T)`` of the ``T`` taps at ``coords`` of an ungrouped conv
+    as one matrix product: ``grad_out`` ``(C_out, N * out pixels)`` against the pixels the taps
     read, gathered tap beside tap into ``(C_in, T, N * out pixels)`` (``T`` copies of ``x``)."""
+    if g.groups != 1:
+        raise ValueError(f"gathered tap gradients are for ungrouped convs, not groups={g.groups}")
     out_size = grad_out.shape[2:]
     # Where each tap's first read lies in x, per axis; padding is needed only if a tap reads past x.
     starts = [[i * d - p for i, d, p in zip(tap, g.dilation, g.padding)] for tap in coords]
@@ -292,11 +300,9 @@ def _gathered_tap_grad(grad_out: torch.Tensor, x: torch.Tensor, g: ConvGeometry,
     cols = torch.stack([per_channel[(slice(None), slice(None), *(
         slice(a, a + (n - 1) * s + 1, s) for a, n, s in zip(start, out_size, g.stride)))]
         for start in starts], dim=1)
-    c_out, c_in, groups = grad_out.shape[1], x.shape[1], g.groups
-    rows = grad_out.transpose(0, 1).reshape(groups, c_out // groups, -1)
-    cols = cols.view(groups, c_in // groups * len(coords), -1)
-    grad = torch.mm(rows[0], cols[0].t()) if groups == 1 else torch.bmm(rows, cols.transpose(1, 2))
-    return grad.view(c_out, c_in // groups, len(coords))
+    c_out, c_in = grad_out.shape[1], x.shape[1]
+    grad = torch.mm(grad_out.transpose(0, 1).reshape(c_out, -1), cols.view(c_in * len(coords), -1).t())
+    return grad.view(c_out, c_in, len(coords))
 
 
 def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: ConvGeometry,

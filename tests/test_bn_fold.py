@@ -144,3 +144,16 @@ def test_a_norm_whose_conv_was_merged_alone_runs_its_own_forward(image):
     merge_branch(reference.conv1)
     assert not model.bn1._fold.active()
     assert max_rel_err(model(image), reference(image)) < 1e-12
+
+
+def test_a_norm_that_changes_class_in_place_stops_folding_on_both_sides(image):
+    """A folded layer turned into a SyncBatchNorm in place runs its own forward: the conv must
+    not fold it too (the layer would normalise twice)."""
+    model = _branched("resnet18")
+    reference = _unfolded(model)
+    folded_class = type(model.bn1)
+    model.bn1.__class__ = nn.SyncBatchNorm
+    assert not model.bn1._fold.active()
+    assert max_rel_err(model(image), reference(image)) < 1e-12
+    model.bn1.__class__ = folded_class
+    assert model.bn1._fold.active()

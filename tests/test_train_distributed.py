@@ -305,10 +305,11 @@ def test_sync_bn_on_cpu_ranks_is_refused_with_the_reason(two_ranks):
         assert "sync_bn needs GPUs" in (two_ranks / f"sync-bn-{r}.txt").read_text()
 
 
-@pytest.mark.parametrize("policy", [None, "frozen"])
+@pytest.mark.parametrize("policy", [None, "affine", "frozen"])
 def test_sync_bn_round_trip_keeps_classes_state_and_outputs(policy):
     """On one process a SyncBatchNorm computes what the layer it replaces computes, in train mode
-    (batch statistics) or pinned in eval mode by the frozen policy; afterwards the classes are back."""
+    (batch statistics); layers the frozen policy pins in eval mode (and folds into their convs) are
+    left as they are; afterwards the classes are back."""
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=0)  # BatchNormAct2d layers (BN + activation)
     if policy:
@@ -316,10 +317,11 @@ def test_sync_bn_round_trip_keeps_classes_state_and_outputs(policy):
     model.train()
     twin = copy.deepcopy(model)
     classes = {n: type(m) for n, m in model.named_modules()}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     x = torch.rand(4, 3, 32, 32)
     with distributed.synced_batchnorm(model, None):
         synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
-        assert synced and all(m.training == (policy is None) for m in synced)
+        assert len(synced) == (0 if policy == "frozen" else len(norms)) and all(m.training for m in synced)
         out = model(x)
     torch.testing.assert_close(out, twin(x), rtol=0, atol=0)
     assert {n: type(m) for n, m in model.named_modules()} == classes

@@ -21,6 +21,12 @@ graph calls the conv once and hands its output to the layer alone), with a plain
 takes the tap-only backward) and a layer whose forward is ``torch.nn``'s BatchNorm (1-D, 2-D, 3-D)
 or timm's ``BatchNormAct2d`` (whose dropout and activation then run on the folded output).
 
+The fold follows the modules, not the graph: replace a folded layer by a new module after
+:func:`~timm_branch.add_branches` (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, timm's
+``freeze_batch_norm_2d``) and its conv would still fold while the new layer normalises again.
+Convert norm layers before adding branches (a layer that changes class in place, as
+:func:`timm_branch.train.distributed.synced_batchnorm` does, simply stops folding).
+
 Rounding: the folded step multiplies in another order than conv-then-BatchNorm, so its outputs and
 gradients equal the unfolded ones up to rounding (float64: ~1e-15 relative), not bit for bit.
 """
@@ -47,9 +53,12 @@ class Fold:
         self.conv, self.norm = conv, norm
 
     def norm_frozen(self) -> bool:
-        """Whether the layer is a fixed affine map now: eval mode, running statistics, no gradient."""
+        """Whether the layer is a fixed affine map now (eval mode, running statistics, no gradient)
+        that passes its input through: a layer whose class was changed since (say to
+        ``SyncBatchNorm``) runs its own forward, so the conv must not fold it."""
         norm = self.norm
-        return (not norm.training and norm.running_mean is not None and norm.running_var is not None
+        return (type(norm).forward is _folded_forward and not norm.training
+                and norm.running_mean is not None and norm.running_var is not None
                 and not any(p.requires_grad for p in norm._parameters.values() if p is not None))
 
     def active(self) -> bool:

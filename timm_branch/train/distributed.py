@@ -37,6 +37,7 @@ from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import bn as bn_policy
 from ..bn import is_batchnorm
 
 __all__ = [
@@ -165,7 +166,9 @@ def _sync_class(norm: nn.Module) -> type[nn.Module]:
 def synced_batchnorm(*modules: nn.Module | None) -> Iterator[None]:
     """Within the block, every BatchNorm of ``modules`` is a ``torch.nn.SyncBatchNorm``: in train
     mode it normalises with the statistics of the global batch (on GPUs; torch synchronises CUDA
-    tensors only). Afterwards each layer is of its original class again.
+    tensors only). Afterwards each layer is of its original class again. Layers that
+    :mod:`timm_branch.bn`'s ``"frozen"`` policy pins in eval mode stay as they are: they use no
+    batch statistics.
 
     The layers change class in place (``BatchNormAct2d`` becomes timm's ``SyncBatchNormAct``, any
     other BatchNorm ``SyncBatchNorm``), so parameters, buffers, state-dict keys, children,
@@ -173,8 +176,11 @@ def synced_batchnorm(*modules: nn.Module | None) -> Iterator[None]:
     are: the model merges and exports as the stock timm architecture. ``None`` entries are skipped.
     On one process a ``SyncBatchNorm`` computes exactly what the original layer computes.
     """
+    # A layer pinned in eval mode by the "frozen" policy never uses batch statistics: synchronising
+    # would change nothing but end its folding into its conv (timm_branch.bn_fold).
     converted = [(norm, type(norm)) for module in modules if module is not None
-                 for norm in module.modules() if is_batchnorm(norm) and not isinstance(norm, nn.SyncBatchNorm)]
+                 for norm in module.modules()
+                 if is_batchnorm(norm) and not isinstance(norm, nn.SyncBatchNorm) and not bn_policy.is_pinned(norm)]
     for norm, _ in converted:
         norm.__class__ = _sync_class(norm)
         norm.process_group = None  # SyncBatchNorm's attribute: None is the default (world) group

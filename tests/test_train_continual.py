@@ -356,7 +356,7 @@ def test_online_linear_probe_trains_alongside_and_is_reported(tmp_path):
     # untrained (the run's seeded initialisation) and than one that predicts every class alike:
     # a comparison of losses, with no accuracy threshold that a seed or a kernel could cross.
     backbone = ckpt.load_task(final.parent, 1, timm.create_model("test_resnet", num_classes=0)).eval()
-    feats, labels = run._features(backbone, run.images).double(), run.scenario.source.train.labels
+    feats, labels = run.features(backbone, run.images).double(), run.scenario.source.train.labels
 
     def loss(weight: torch.Tensor, bias: torch.Tensor) -> float:
         return F.cross_entropy(F.linear(feats, weight.double(), bias.double()), labels).item()

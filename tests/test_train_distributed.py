@@ -130,7 +130,7 @@ def _run(config: TrainConfig) -> list[float]:
         run = ContinualRun(config, progress=False)
         augment = run.augment
         run.augment = lambda *args, **kwargs: [v.double() for v in augment(*args, **kwargs)]  # float32 by design
-        run._evaluate = lambda *args: None  # float32 features; the command-line case covers evaluation
+        run.evaluate = lambda *args: None  # float32 features; the command-line case covers evaluation
         losses: list[float] = []
         run.train_step = _recording(run.train_step, losses)
         run.run()

@@ -77,7 +77,7 @@ def test_paper_preset_fills_only_unset_fields():
 def test_paper_preset_run_records_its_settings_and_exports_stock_timm(tmp_path):
     run = _run(tmp_path, strategy="branch", preset="paper", method="moco")
     assert run.eval_transform.mean.flatten().tolist() == pytest.approx(NORMALIZATIONS["imagenet"][0])  # digits: ImageNet's
-    backbone = run._new_backbone()
+    backbone = run.new_backbone()
     last_bns = [b.bn2.weight for stage in (backbone.layer1, backbone.layer4) for b in stage]
     assert all((w == 1).all() for w in last_bns)  # zero_init_last=False: no zeroed last BN
     final = run.run()
@@ -107,7 +107,7 @@ def test_online_probe_batches_come_from_every_class_not_the_task(tmp_path):
     the probe saw only the current task's labels here before."""
     run = _run(tmp_path, online_probe=True, batch_size=64)
     gen = torch.Generator().manual_seed(0)
-    images, labels = run._probe_batch(gen)
+    images, labels = run.probe_batch(gen)
     assert images.shape == (64, 3, 16, 16) and images.dtype == torch.uint8
     task0 = set(run.scenario.tasks[0].classes)
     assert set(labels.tolist()) - task0  # classes of the later task too, while task 0 trains

@@ -76,7 +76,7 @@ ONLINE_PROBE_LR = 0.1
 _PROBE_SALT = 0x5EED_0F_9B0BE
 """Mixed into an epoch's seed for the online probe's generator, so its draws are the probe's own."""
 _SCORE_NAMES = {"knn_top1": "kNN top-1", "linear_top1": "linear-probe top-1", "online_top1": "online-probe top-1"}
-"""How the per-task log line names the scores of :meth:`ContinualRun._evaluate`."""
+"""How the per-task log line names the scores of :meth:`ContinualRun.evaluate`."""
 _TOO_SMALL = re.compile(r"too small|greater than (the )?actual input size|smaller than kernel|non-positive|"
                         r"Calculated output size")
 """PyTorch's messages for an input smaller than a conv's or a pooling's window."""
@@ -146,7 +146,9 @@ class ContinualRun:
     (``benchmarks/``): :meth:`new_learner` and :meth:`prepare_task` give the networks of a task,
     :meth:`make_optimizer` their optimiser and schedule, :meth:`task_encoders` the encoders the
     step calls, :meth:`start_epoch` and :meth:`epoch_batches` one epoch, :meth:`train_step` one
-    step; :meth:`task_indices` the training images of a task::
+    step; :meth:`task_indices` the training images of a task; :meth:`new_backbone` a fresh
+    backbone, :meth:`probe_batch` the online probe's labelled batch, :meth:`evaluate` a backbone's
+    scores and :meth:`features` the features they are computed on::
 
         learner = run.new_learner()
         run.prepare_task(learner, task)
@@ -280,7 +282,10 @@ class ContinualRun:
 
     # -- building ----------------------------------------------------------------------------------
 
-    def _new_backbone(self, random_init: bool = False) -> nn.Module:
+    def new_backbone(self, random_init: bool = False) -> nn.Module:
+        """A fresh backbone as the run builds it, on the device, seeded with the run's seed: the
+        configured model without a classifier (``num_classes=0``), with its pretrained weights if
+        any; ``random_init``: the pretrained architecture at random initialisation instead."""
         torch.manual_seed(self.config.seed)
         if self.config.pretrained and random_init:
             model = timm.create_model(self.config.pretrained, pretrained=False, num_classes=0)
@@ -300,7 +305,7 @@ class ContinualRun:
         """The networks as a run starts: the backbone (random or ``pretrained`` weights), the
         method's heads, its momentum copy and the online probe where they apply, on the device.
         Seeded from the configuration: every call returns the same weights."""
-        backbone = self._new_backbone()
+        backbone = self.new_backbone()
         torch.manual_seed(_seed(self.config, -1, -1))
         method = self._place(build_method(self.config.method, backbone.num_features))
         momentum = copy.deepcopy(backbone) if method.uses_momentum else None
@@ -459,7 +464,7 @@ class ContinualRun:
             pending: list[torch.Tensor] = []  # losses not yet read back, of steps step - len + 1 .. step
             loss_sum = 0.0  # of the losses read back this epoch (all of them at its end)
             for step, batch in zip(bar, batches):
-                probe = None if probe_gen is None else self._probe_batch(probe_gen)
+                probe = None if probe_gen is None else self.probe_batch(probe_gen)
                 try:
                     pending.append(self.train_step(learner, batch, probe, gen, optimizer, scheduler,
                                                    epoch * steps + step, total))
@@ -526,7 +531,7 @@ class ContinualRun:
             f"(e.g. {cfg.batch_size // 2}) or use --precision bf16; the last checkpoint is intact. [{str(err).splitlines()[0]}]"
         )
 
-    def _probe_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def probe_batch(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The online probe's batch, as CaSSLe draws it from a parallel loader over the whole
         labelled training set (not the task's): ``batch_size`` uint8 images ``(B, 3, H, W)`` and
         their labels ``(B,)``, on the device, drawn uniformly with replacement from every class.
@@ -604,7 +609,7 @@ class ContinualRun:
         learner.backbone.eval()
         if not distributed.is_main_process():  # every rank merged; one writes
             return None
-        scores = self._evaluate(learner.backbone, learner.probe) or {}
+        scores = self.evaluate(learner.backbone, learner.probe) or {}
         metrics.add(task, **scores, epochs=epochs, seconds=round(time.perf_counter() - started, 2),
                     images=len(self.task_indices(task)))
         trainer_tensors = ckpt.module_tensors(learner.kept())
@@ -620,15 +625,15 @@ class ContinualRun:
 
     # -- evaluation ----------------------------------------------------------------------------------
 
-    def _evaluate(self, backbone: nn.Module, online_probe: nn.Linear | None = None) -> dict | None:
+    def evaluate(self, backbone: nn.Module, online_probe: nn.Linear | None = None) -> dict | None:
         """kNN and linear-probe top-1 on all classes and per task (and the online probe's top-1);
         ``None`` for unlabeled data."""
         source = self.scenario.source
         if source.train.labels is None or source.test is None or source.test.labels is None:
             return None
         cfg = self.config
-        train_f = self._features(backbone, self.images)
-        test_f = self._features(backbone, source.test.images)
+        train_f = self.features(backbone, self.images)
+        test_f = self.features(backbone, source.test.images)
         train_y, test_y = source.train.labels, source.test.labels
         num_classes = int(max(train_y.max(), test_y.max())) + 1
         tasks = self.scenario.tasks
@@ -655,7 +660,7 @@ class ContinualRun:
             result["online_top1"] = top1_accuracy(online, test_y)
         return result
 
-    def _features(self, backbone: nn.Module, images: torch.Tensor | ImageFiles) -> torch.Tensor:
+    def features(self, backbone: nn.Module, images: torch.Tensor | ImageFiles) -> torch.Tensor:
         """:func:`extract_features` of in-memory or streamed images (decoded batch by batch)."""
         size = self.config.eval_batch_size
         if not isinstance(images, ImageFiles):
@@ -724,11 +729,11 @@ class ContinualRun:
             metrics = ContinualMetrics(num_tasks=len(self.scenario), task_classes=classes, meta=self._meta())
         # A crash between writing task-K and metrics.json leaves a finished task without its row.
         for task in range(len(metrics.rows), done):
-            model = ckpt.load_task(self.run_dir, task, self._new_backbone(random_init=True))
-            metrics.add(task, **(self._evaluate(self._place(model).eval()) or {}), recovered=True)
+            model = ckpt.load_task(self.run_dir, task, self.new_backbone(random_init=True))
+            metrics.add(task, **(self.evaluate(self._place(model).eval()) or {}), recovered=True)
             metrics.save(self.run_dir)
         if metrics.random_init is None:
-            scores = self._evaluate(self._new_backbone(random_init=True).eval())
+            scores = self.evaluate(self.new_backbone(random_init=True).eval())
             if scores is not None:
                 metrics.set_random_init(**scores)
                 log.info("before training, a random-init %s: %s (what each task's scores compare with)",

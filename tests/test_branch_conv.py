@@ -58,9 +58,8 @@ _CASES = [(name, size) for name in _geometries() for size in (9, 2, 1) if size >
 
 
 # How the taps' gradient is computed: the device's rule (on the CPU, gathered GEMMs for ungrouped
-# convs except for a whole kernel on larger maps), or one implementation forced wherever it
-# applies (gathered: ungrouped convs). CUDA takes the convolutions, which CPU-only test runs must
-# cover as well.
+# convs except for a whole kernel on larger maps), or one implementation forced for every case.
+# CUDA takes the convolutions, which CPU-only test runs must cover as well.
 _TAP_GRAD_PATHS = {"device-rule": None, "gathered": True, "convolution": False}
 
 
@@ -68,7 +67,7 @@ _TAP_GRAD_PATHS = {"device-rule": None, "gathered": True, "convolution": False}
 def tap_grad_path(request, monkeypatch):
     forced = _TAP_GRAD_PATHS[request.param]
     if forced is not None:
-        monkeypatch.setattr(branch_conv, "_gathers", lambda x, plan, out_size, groups: forced and groups == 1)
+        monkeypatch.setattr(branch_conv, "_gathers", lambda *args: forced)
     return request.param
 
 

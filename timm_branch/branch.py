@@ -233,26 +233,32 @@ def tap_backward_applies(conv: nn.Module) -> bool:
     """Whether the branched plain ``conv``'s forward now runs :class:`BranchedConv`: gradients are
     enabled, the branch trains, the kernel is frozen, and the branch is the weight's only
     parametrization."""
+    return _tap_backward_parts(conv) is not None
+
+
+def _tap_backward_parts(conv: nn.Module) -> tuple[nn.Module, ConvBranch] | None:
+    """``(the weight's ParametrizationList, the branch)`` when :func:`tap_backward_applies`, else ``None``."""
     # The module dictionaries directly: nn.Module.__getattr__ would add microseconds per conv and
     # step of host time, which a GPU step at small image sizes waits for.
     parametrizations = conv._modules.get("parametrizations")
     if parametrizations is None:  # merged (a folded BatchNorm asks its conv after merge_branch)
-        return False
+        return None
     weights = parametrizations._modules["weight"]
     branch = next(iter(weights._modules.values()))
-    return (torch.is_grad_enabled() and any(p.requires_grad for p in branch._parameters.values())
-            and not weights._parameters["original"].requires_grad
-            and len(weights._modules) == 1 and len(parametrizations._modules) == 1)
+    applies = (torch.is_grad_enabled() and any(p.requires_grad for p in branch._parameters.values())
+               and not weights._parameters["original"].requires_grad
+               and len(weights._modules) == 1 and len(parametrizations._modules) == 1)
+    return (weights, branch) if applies else None
 
 
 def _branched_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The forward of a branched plain conv: :class:`BranchedConv` while the branch alone trains
     (its backward skips the frozen kernel's weight gradient), else the parametrized forward. A
     BatchNorm folded into the conv (:mod:`timm_branch.bn_fold`) is applied here when it folds."""
-    if not tap_backward_applies(self):
+    parts = _tap_backward_parts(self)
+    if parts is None:
         return super(type(self), self).forward(x)
-    weights = self._modules["parametrizations"]._modules["weight"]
-    branch = next(iter(weights._modules.values()))
+    weights, branch = parts
     delta = branch._parameters.get("branch")
     if delta is None:  # "cross-pair": the lines summed onto the cross's taps
         delta = branch.tap_values()

@@ -201,7 +201,7 @@ class BranchedConv(torch.autograd.Function):
         else:
             grad_branch = taps_grad(grad_out, x, w_eff, g, plan, gathered).reshape(branch.shape)
         if scale is not None:  # the folded kernel is scale * (W + delta), its bias scale * bias + shift
-            grad_branch = grad_branch * _as(scale, grad_branch.dtype).view(-1, *[1] * (grad_branch.dim() - 1))
+            grad_branch = grad_branch * _as(scale, grad_branch.dtype)[:, None, None]  # (C_out, C_in / groups, taps)
             grad_bias = None if grad_bias is None else grad_bias * _as(scale, grad_bias.dtype)
         return (
             _as(grad_x, x_dtype) if need_x else None,
@@ -283,11 +283,10 @@ def taps_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: 
 
 def _gathered_tap_grad(grad_out: torch.Tensor, x: torch.Tensor, g: ConvGeometry,
                        coords: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """The weight gradient ``(C_out, C_in, T)`` of the ``T`` taps at ``coords`` of an ungrouped conv
-    as one matrix product: ``grad_out`` ``(C_out, N * out pixels)`` against the pixels the taps
-    read, gathered tap beside tap into ``(C_in, T, N * out pixels)`` (``T`` copies of ``x``)."""
-    if g.groups != 1:
-        raise ValueError(f"gathered tap gradients are for ungrouped convs, not groups={g.groups}")
+    """The weight gradient ``(C_out, C_in / groups, T)`` of the ``T`` taps at ``coords`` as one
+    matrix product per group: ``grad_out`` ``(C_out, N * out pixels)`` against the pixels the taps
+    read, gathered tap beside tap into ``(C_in, T, N * out pixels)`` (``T`` copies of ``x``; for a
+    single tap of a channels_last ``x`` a view, no copy)."""
     out_size = grad_out.shape[2:]
     # Where each tap's first read lies in x, per axis; padding is needed only if a tap reads past x.
     starts = [[i * d - p for i, d, p in zip(tap, g.dilation, g.padding)] for tap in coords]
@@ -297,12 +296,14 @@ def _gathered_tap_grad(grad_out: torch.Tensor, x: torch.Tensor, g: ConvGeometry,
         x = F.pad(x, [p for p in reversed(g.padding) for _ in (0, 1)])  # F.pad takes the last axis first
         starts = [[a + p for a, p in zip(start, g.padding)] for start in starts]
     per_channel = x.transpose(0, 1)  # (C_in, N, *spatial): gathered taps then sit beside each channel
-    cols = torch.stack([per_channel[(slice(None), slice(None), *(
-        slice(a, a + (n - 1) * s + 1, s) for a, n, s in zip(start, out_size, g.stride)))]
-        for start in starts], dim=1)
-    c_out, c_in = grad_out.shape[1], x.shape[1]
-    grad = torch.mm(grad_out.transpose(0, 1).reshape(c_out, -1), cols.view(c_in * len(coords), -1).t())
-    return grad.view(c_out, c_in, len(coords))
+    views = [per_channel[(slice(None), slice(None), *(slice(a, a + (n - 1) * s + 1, s) for a, n, s in zip(start, out_size, g.stride)))]
+             for start in starts]
+    cols = views[0].unsqueeze(1) if len(views) == 1 else torch.stack(views, dim=1)
+    c_out, c_in, groups = grad_out.shape[1], x.shape[1], g.groups
+    rows = grad_out.transpose(0, 1).reshape(groups, c_out // groups, -1)
+    cols = cols.reshape(groups, c_in // groups * len(coords), -1)
+    grad = torch.mm(rows[0], cols[0].t()) if groups == 1 else torch.bmm(rows, cols.transpose(1, 2))
+    return grad.view(c_out, c_in // groups, len(coords))
 
 
 def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: ConvGeometry,
@@ -314,7 +315,9 @@ def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: 
     for box in boxes:
         window, padding = _window(x, box, out_size, g)
         if box.stop == tuple(a + 1 for a in box.start) and not any(padding):
-            grads.append(_single_tap_grad(grad_out, window, g))
+            # One tap read without padding: a GEMM does a 1x1 weight gradient's arithmetic with
+            # less host work per call (for a tiny map on this repository's CPU about two thirds).
+            grads.append(_gathered_tap_grad(grad_out, x, g, (box.start,)))
             continue
         # Only its shape, dtype and memory format are read: the slice itself would be copied to a
         # dense tensor (a third of a 3x3 kernel per line of taps) for nothing.
@@ -322,24 +325,6 @@ def _tap_grad(grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, g: 
         grads.append(_conv_backward(grad_out, window, sub_kernel, g, False, [False, True, False], padding)[1].flatten(2))
     pieces = [grads[b][..., i:j] for b, i, j in runs]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
-
-
-def _single_tap_grad(grad_out: torch.Tensor, window: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
-    """The weight gradient ``(C_out, C_in / groups, 1)`` of one tap that reads ``window`` unpadded:
-    a matrix product over batch and output pixels, ``grad_out`` against the pixels the tap reads.
-
-    One GEMM instead of a 1x1 weight-gradient convolution of a kernel slice: the same arithmetic,
-    with less host work per call (for a tiny map on this repository's CPU about two thirds), and
-    for channels_last tensors both operands are views, no copies.
-    """
-    picked = window[(slice(None), slice(None), *(slice(0, (n - 1) * s + 1, s) for n, s in zip(grad_out.shape[2:], g.stride)))]
-    c_out, c_in = grad_out.shape[1], picked.shape[1]
-    if g.groups == 1:
-        return torch.mm(grad_out.transpose(0, 1).reshape(c_out, -1), picked.transpose(0, 1).reshape(c_in, -1).t())[..., None]
-    per_out, per_in = c_out // g.groups, c_in // g.groups
-    grad = torch.bmm(grad_out.transpose(0, 1).reshape(g.groups, per_out, -1),
-                     picked.transpose(0, 1).reshape(g.groups, per_in, -1).transpose(1, 2))
-    return grad.reshape(c_out, per_in, 1)
 
 
 def _window(x: torch.Tensor, box: TapBox, out_size: torch.Size, g: ConvGeometry) -> tuple[torch.Tensor, tuple[int, ...]]:

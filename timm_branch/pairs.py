@@ -255,8 +255,9 @@ def _pairs_in(
             if blocked:
                 reasons[prefix + target] = blocked[0]
             else:
-                found[prefix + target] = ({prefix + n for r in reached for n in r[0]}, max(r[1] for r in reached))
-                if _is_direct(nodes, calls, {n for r in reached for n in r[0]}):
+                norms = {n for r in reached for n in r[0]}
+                found[prefix + target] = ({prefix + n for n in norms}, max(r[1] for r in reached))
+                if _is_direct(nodes, calls, norms):
                     direct.add(prefix + target)
         elif _holds_pairs(module, rule) and not rule.is_norm(module):
             _pairs_in(module, f"{prefix}{target}.", rule, found, direct, reasons, untraced)

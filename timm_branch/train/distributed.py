@@ -38,7 +38,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import bn as bn_policy
-from ..bn import is_batchnorm
 
 __all__ = [
     "barrier", "data_parallel", "gather_rows", "is_main_process", "launched_by_torchrun", "local_rows",
@@ -180,7 +179,7 @@ def synced_batchnorm(*modules: nn.Module | None) -> Iterator[None]:
     # would change nothing but end its folding into its conv (timm_branch.bn_fold).
     converted = [(norm, type(norm)) for module in modules if module is not None
                  for norm in module.modules()
-                 if is_batchnorm(norm) and not isinstance(norm, nn.SyncBatchNorm) and not bn_policy.is_pinned(norm)]
+                 if bn_policy.is_batchnorm(norm) and not isinstance(norm, nn.SyncBatchNorm) and not bn_policy.is_pinned(norm)]
     for norm, _ in converted:
         norm.__class__ = _sync_class(norm)
         norm.process_group = None  # SyncBatchNorm's attribute: None is the default (world) group
